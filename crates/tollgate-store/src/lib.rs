@@ -1,0 +1,180 @@
+//! Persistence behind one [`Store`] trait.
+//!
+//! Every implementation (SQLite now, PostgreSQL later) passes the same conformance suite
+//! (`tests/conformance.rs`). Write paths that depend on the tree (group create / patch /
+//! delete) run the pure rules of `tollgate_core::hierarchy` inside one transaction, so two
+//! concurrent writes can never leave the tree in a state the rules forbid.
+
+mod model;
+mod sqlite;
+
+use async_trait::async_trait;
+use tollgate_core::Timestamp;
+
+pub use model::*;
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was broken; the string names what clashed (e.g. `slug`).
+    #[error("duplicate {0}")]
+    Duplicate(&'static str),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Why a group create or PATCH was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupWriteError {
+    #[error(transparent)]
+    Hierarchy(#[from] tollgate_core::hierarchy::HierarchyError),
+    /// The parent does not exist, is deleted, or belongs to another workspace.
+    #[error("parent group not found")]
+    ParentNotFound,
+    /// Another live group of the workspace has this external_entity_id.
+    #[error("duplicate external_entity_id")]
+    DuplicateExternalId,
+    /// The group to patch does not exist or is deleted.
+    #[error("group not found")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for GroupWriteError {
+    fn from(e: sqlx::Error) -> Self {
+        GroupWriteError::Store(StoreError::Database(e))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// All of Tollgate's state. Reads of a single object return it whatever its workspace
+/// (callers answer 403 for another workspace's object); deleted or revoked objects are
+/// `None`. Lists return live rows of one workspace in creation order, keyset-paged.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- workspaces -------------------------------------------------------------------
+    /// `Err(Duplicate("workspace"))` when the name is taken.
+    async fn create_workspace(&self, name: &str, now: Timestamp) -> StoreResult<Workspace>;
+    async fn workspace_by_name(&self, name: &str) -> StoreResult<Option<Workspace>>;
+    async fn workspace(&self, id: &str) -> StoreResult<Option<Workspace>>;
+    /// Returns false when no workspace has that name.
+    async fn set_workspace_enabled(&self, name: &str, enabled: bool) -> StoreResult<bool>;
+    /// Sets the workspace's Ed25519 public key for key registration.
+    async fn set_signing_key(&self, workspace_id: &str, public_key: &[u8]) -> StoreResult<()>;
+
+    // --- management keys --------------------------------------------------------------
+    /// `Err(Duplicate("prefix"))` when the prefix is taken by any management key.
+    async fn insert_management_key(&self, key: NewManagementKey) -> StoreResult<ManagementKey>;
+    /// Inserts the key unless a live key with the same hash exists (TOLLGATE_ADMIN_KEY on
+    /// every start).
+    async fn ensure_management_key(&self, key: NewManagementKey) -> StoreResult<()>;
+    /// A live management key by prefix, with its workspace.
+    async fn management_key_by_prefix(
+        &self,
+        prefix: &str,
+    ) -> StoreResult<Option<(ManagementKey, Workspace)>>;
+    async fn list_management_keys(
+        &self,
+        workspace_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<ManagementKey>>;
+    async fn revoke_management_key(
+        &self,
+        workspace_id: &str,
+        prefix: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<ManagementKey>>;
+
+    // --- secrets ----------------------------------------------------------------------
+    async fn insert_secret(&self, secret: NewSecret) -> StoreResult<Secret>;
+    async fn secret(&self, id: &str) -> StoreResult<Option<Secret>>;
+    async fn list_secrets(&self, workspace_id: &str, page: PageRequest)
+        -> StoreResult<Page<Secret>>;
+    async fn delete_secret(&self, id: &str, now: Timestamp) -> StoreResult<Option<Secret>>;
+
+    // --- endpoints --------------------------------------------------------------------
+    /// `Err(Duplicate("slug"))` when a live endpoint anywhere has the slug.
+    async fn insert_endpoint(&self, endpoint: NewEndpoint) -> StoreResult<Endpoint>;
+    async fn endpoint(&self, id: &str) -> StoreResult<Option<Endpoint>>;
+    async fn endpoint_by_slug(&self, slug: &str) -> StoreResult<Option<Endpoint>>;
+    async fn list_endpoints(
+        &self,
+        workspace_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Endpoint>>;
+    async fn update_endpoint_targets(
+        &self,
+        id: &str,
+        targets: &[tollgate_core::endpoint::Target],
+        now: Timestamp,
+    ) -> StoreResult<Option<Endpoint>>;
+    async fn delete_endpoint(&self, id: &str, now: Timestamp) -> StoreResult<Option<Endpoint>>;
+
+    // --- groups -----------------------------------------------------------------------
+    /// Checks placement (mode, depth), CASCADING thresholds against ancestors and the
+    /// external id's uniqueness, then inserts — all in one transaction.
+    async fn create_group(&self, group: NewGroup) -> Result<tollgate_core::Group, GroupWriteError>;
+    async fn group(&self, id: &str) -> StoreResult<Option<tollgate_core::Group>>;
+    /// `[group, parent, ..., root]`; empty when the group is absent or deleted.
+    async fn group_chain(&self, id: &str) -> StoreResult<Vec<tollgate_core::Group>>;
+    async fn list_groups(
+        &self,
+        workspace_id: &str,
+        filter: &GroupFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<tollgate_core::Group>>;
+    /// Applies a PATCH, checking CASCADING thresholds against ancestors and descendants
+    /// in the same transaction.
+    async fn update_group(
+        &self,
+        id: &str,
+        patch: GroupPatch,
+    ) -> Result<tollgate_core::Group, GroupWriteError>;
+    /// Deletes the group's whole subtree and revokes every key in it, atomically.
+    async fn delete_group(
+        &self,
+        id: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<(tollgate_core::Group, Timestamp)>>;
+
+    // --- API keys ---------------------------------------------------------------------
+    /// `Err(Duplicate("prefix"))` when any key, live or revoked, has the prefix.
+    async fn insert_api_key(&self, key: NewApiKey) -> StoreResult<ApiKey>;
+    async fn api_key(&self, group_id: &str, prefix: &str) -> StoreResult<Option<ApiKey>>;
+    async fn list_api_keys(&self, group_id: &str, page: PageRequest) -> StoreResult<Page<ApiKey>>;
+    async fn revoke_api_key(
+        &self,
+        group_id: &str,
+        prefix: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<ApiKey>>;
+    /// True when any API key, live or revoked, has this prefix.
+    async fn api_key_prefix_exists(&self, prefix: &str) -> StoreResult<bool>;
+    /// Everything the data plane needs about a live key: its hash, its group chain, its
+    /// workspace. `None` for unknown or revoked keys and for keys of deleted groups.
+    async fn resolve_api_key(&self, prefix: &str) -> StoreResult<Option<KeyGrant>>;
+
+    // --- usage ------------------------------------------------------------------------
+    async fn insert_usage_event(&self, event: &UsageEvent) -> StoreResult<()>;
+    async fn list_usage_events(
+        &self,
+        filter: &UsageFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<UsageEvent>>;
+    /// Requests and tokens of the day starting at `day_start` on `slug`, summed over the
+    /// events of `group_ids`. `None` when there was no event.
+    async fn day_usage(
+        &self,
+        group_ids: &[String],
+        slug: &str,
+        day_start: Timestamp,
+    ) -> StoreResult<Option<DayUsage>>;
+    /// Ids of the group's live descendants (not including itself), any depth.
+    async fn descendant_ids(&self, id: &str) -> StoreResult<Vec<String>>;
+}

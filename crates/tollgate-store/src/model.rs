@@ -1,0 +1,211 @@
+//! Rows as the rest of the system sees them.
+
+use serde::{Deserialize, Serialize};
+use tollgate_core::endpoint::{Region, Target};
+use tollgate_core::{LimitMode, ModelAccess, Timestamp};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workspace {
+    pub id: String,
+    pub name: String,
+    pub is_enabled: bool,
+    /// Ed25519 public key (32 bytes) for key registration, when configured.
+    pub signing_key: Option<Vec<u8>>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Manage,
+    View,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Manage => "manage",
+            Scope::View => "view",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewManagementKey {
+    pub workspace_id: String,
+    pub prefix: String,
+    pub hash: Vec<u8>,
+    pub name: Option<String>,
+    pub scope: Scope,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagementKey {
+    pub workspace_id: String,
+    pub prefix: String,
+    pub hash: Vec<u8>,
+    pub name: Option<String>,
+    pub scope: Scope,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSecret {
+    pub id: String,
+    pub workspace_id: String,
+    pub name: String,
+    /// Sealed with the installation's master key; the store never sees the plaintext.
+    pub ciphertext: Vec<u8>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    pub id: String,
+    pub workspace_id: String,
+    pub name: String,
+    pub ciphertext: Vec<u8>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEndpoint {
+    pub id: String,
+    pub workspace_id: String,
+    pub slug: String,
+    pub region: Region,
+    pub targets: Vec<Target>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub id: String,
+    pub workspace_id: String,
+    pub slug: String,
+    pub region: Region,
+    pub targets: Vec<Target>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewGroup {
+    pub id: String,
+    pub workspace_id: String,
+    pub name: Option<String>,
+    pub external_entity_id: String,
+    pub models: Vec<ModelAccess>,
+    pub mode: LimitMode,
+    pub parent_id: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// A PATCH: `None` leaves a field as it is; `models` replaces the whole list.
+#[derive(Debug, Clone, Default)]
+pub struct GroupPatch {
+    /// `Some(None)` clears the name.
+    pub name: Option<Option<String>>,
+    pub models: Option<Vec<ModelAccess>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GroupFilter {
+    pub external_entity_id: Option<String>,
+    pub parent_group_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub group_id: String,
+    pub prefix: String,
+    pub hash: Vec<u8>,
+    pub name: Option<String>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub group_id: String,
+    pub prefix: String,
+    pub hash: Vec<u8>,
+    pub name: Option<String>,
+    pub created_at: Timestamp,
+}
+
+/// What the data plane learns from a key prefix.
+#[derive(Debug, Clone)]
+pub struct KeyGrant {
+    pub key: ApiKey,
+    /// `[group, parent, ..., root]`.
+    pub chain: Vec<tollgate_core::Group>,
+    pub workspace: Workspace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageStatus {
+    Completed,
+    ClientCancelled,
+    UpstreamErrorMidStream,
+}
+
+impl UsageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageStatus::Completed => "completed",
+            UsageStatus::ClientCancelled => "client_cancelled",
+            UsageStatus::UpstreamErrorMidStream => "upstream_error_mid_stream",
+        }
+    }
+}
+
+/// One served request, as billed (SPEC §3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageEvent {
+    pub idempotency_key: String,
+    pub timestamp: Timestamp,
+    pub request_id: String,
+    /// The `X-Request-Metadata` object as sent, JSON text.
+    pub request_metadata: Option<String>,
+    pub model_slug: String,
+    pub external_entity_id: String,
+    pub api_key_prefix: String,
+    pub group_id: String,
+    pub workspace_id: String,
+    pub status: UsageStatus,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_input_tokens: u64,
+    /// True when the upstream reported no usage and the counts are estimates.
+    pub is_estimated: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub workspace_id: Option<String>,
+    pub group_id: Option<String>,
+    pub request_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DayUsage {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// Keyset paging: rows strictly after `after` (an internal sequence number), at most
+/// `limit` of them.
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest {
+    pub limit: u32,
+    pub after: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The sequence number to continue after, when there are more rows.
+    pub next_after: Option<i64>,
+}
