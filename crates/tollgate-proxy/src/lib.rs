@@ -1,5 +1,7 @@
 //! The OpenAI-compatible data plane: auth → entitlement → limits → upstream → metering.
 
+pub mod tap;
+
 use std::sync::Arc;
 use std::time::Duration;
 

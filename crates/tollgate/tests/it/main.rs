@@ -1,0 +1,20 @@
+//! Integration tests: one binary, real servers on 127.0.0.1:0.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "tests fail loudly"
+)]
+
+mod support;
+
+mod admin_endpoints;
+mod admin_groups;
+mod admin_keys;
+mod admin_misc;
+mod chat;
+mod models;
+mod sdk;
+mod server;
