@@ -1,1 +1,91 @@
-fn main() {}
+//! `tollgate`: a thin shell over the library (arguments, logging, signals).
+
+use anyhow::Context;
+use clap::Parser;
+use std::sync::Arc;
+use tollgate::cli::{Cli, Command, WorkspaceAction};
+use tollgate::config::{Config, LogFormat, DEFAULT_DATABASE};
+use tollgate::{bootstrap, server};
+use tollgate_core::SystemClock;
+use tollgate_store::SqliteStore;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = Config::from_args(args)?;
+            init_logging(config.log_format);
+            let running = server::start(config).await?;
+            running.run_until(shutdown_signal()).await
+        }
+        Command::Workspace { action, database } => {
+            init_logging(LogFormat::Text);
+            let url = database.unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+            let store = Arc::new(
+                SqliteStore::open(&url)
+                    .await
+                    .with_context(|| format!("opening database {url}"))?,
+            );
+            let clock = SystemClock;
+            let result = match action {
+                WorkspaceAction::Create { name } => {
+                    let key = bootstrap::create_workspace(store.as_ref(), &clock, &name).await?;
+                    bootstrap::announce(&format!("{key}\n"));
+                    tracing::info!(workspace = %name, "workspace created; its manage key is on stdout");
+                    Ok(())
+                }
+                WorkspaceAction::Disable { name } => {
+                    bootstrap::set_enabled(store.as_ref(), &name, false).await?;
+                    tracing::info!(workspace = %name, "workspace disabled");
+                    Ok(())
+                }
+                WorkspaceAction::Enable { name } => {
+                    bootstrap::set_enabled(store.as_ref(), &name, true).await?;
+                    tracing::info!(workspace = %name, "workspace enabled");
+                    Ok(())
+                }
+            };
+            store.close().await;
+            result
+        }
+    }
+}
+
+/// Logs go to stderr so stdout carries only what scripts capture (keys).
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}

@@ -1,1 +1,283 @@
-//! server
+//! The `tollgate` binary as an operator runs it: first-start key, `--demo` and its curl
+//! command, `workspace` commands, graceful shutdown on SIGTERM.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
+use tokio::process::{Child, Command};
+
+use crate::support::{ok_json, status_json, TestServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+/// `tollgate` with no inherited `TOLLGATE_*` variables.
+fn tollgate() -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOLLGATE_") {
+            command.env_remove(name);
+        }
+    }
+    command.env("RUST_LOG", "info").kill_on_drop(true);
+    command
+}
+
+struct Spawned {
+    child: Child,
+    stdout: Lines<BufReader<tokio::process::ChildStdout>>,
+    stderr: Lines<BufReader<tokio::process::ChildStderr>>,
+}
+
+fn spawn(mut command: Command) -> Spawned {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    Spawned {
+        child,
+        stdout,
+        stderr,
+    }
+}
+
+/// Reads lines until one satisfies `pick`, within 30 s.
+async fn line_where<R: AsyncRead + Unpin>(
+    lines: &mut Lines<BufReader<R>>,
+    pick: impl Fn(&str) -> Option<String>,
+) -> String {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("process ended early");
+            if let Some(found) = pick(&line) {
+                return found;
+            }
+        }
+    })
+    .await
+    .expect("expected line never came")
+}
+
+/// The `addr=` of the "tollgate listening" log line.
+async fn listening_addr(spawned: &mut Spawned) -> String {
+    line_where(&mut spawned.stderr, |line| {
+        let at = line.find("addr=")?;
+        line.contains("tollgate listening")
+            .then(|| line[at + 5..].split_whitespace().next().unwrap_or("").to_owned())
+    })
+    .await
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn first_start_prints_a_working_manage_key_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let mut command = tollgate();
+    command.args(["serve", "--listen", "127.0.0.1:0", "--database", &db]);
+    let mut first = spawn(command);
+    let key = line_where(&mut first.stdout, |l| {
+        l.starts_with("tgm_").then(|| l.trim().to_owned())
+    })
+    .await;
+    let addr = listening_addr(&mut first).await;
+    let http = reqwest::Client::new();
+    let answer = http
+        .get(format!("http://{addr}/v1/gateway/groups"))
+        .header("Authorization", format!("Api-Key {key}"))
+        .send()
+        .await
+        .unwrap();
+    let body = ok_json(answer).await;
+    assert_eq!(body["items"], json!([]));
+    sigterm(&first.child);
+    let status = tokio::time::timeout(Duration::from_secs(10), first.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "graceful exit, got {status}");
+
+    // The second start on the same file prints no new key; the old one still works.
+    let mut command = tollgate();
+    command.args(["serve", "--listen", "127.0.0.1:0", "--database", &db]);
+    let mut second = spawn(command);
+    let addr = listening_addr(&mut second).await;
+    let answer = http
+        .get(format!("http://{addr}/v1/gateway/groups"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    sigterm(&second.child);
+    second.child.wait().await.unwrap();
+    let mut printed = String::new();
+    while let Ok(Some(line)) = second.stdout.next_line().await {
+        printed.push_str(&line);
+    }
+    assert!(!printed.contains("tgm_"), "no second key: {printed}");
+}
+
+#[tokio::test]
+async fn demo_prints_a_curl_command_that_works_when_pasted() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("demo.db").display());
+    let mut command = tollgate();
+    command.args(["serve", "--demo", "--listen", "127.0.0.1:0", "--database", &db]);
+    let mut demo = spawn(command);
+    let curl = line_where(&mut demo.stdout, |l| {
+        l.starts_with("curl ").then(|| l.to_owned())
+    })
+    .await;
+    let output = Command::new("sh").arg("-c").arg(&curl).output().await.unwrap();
+    assert!(output.status.success(), "curl failed: {output:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(
+        reply["choices"][0]["message"]["content"],
+        "Hello, Tollgate!"
+    );
+    assert_eq!(reply["model"], "demo/echo");
+    sigterm(&demo.child);
+    assert!(demo.child.wait().await.unwrap().success());
+}
+
+#[tokio::test]
+async fn workspace_commands_create_disable_and_enable() {
+    let server = TestServer::start().await;
+    let db = format!("sqlite://{}", server.dir.path().join("tollgate.db").display());
+
+    let output = tollgate()
+        .args(["workspace", "create", "acme", "--database", &db])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let key = stdout.trim();
+    assert_eq!(stdout.lines().count(), 1, "the key alone on stdout: {stdout:?}");
+    assert!(key.starts_with("tgm_"));
+
+    let list = |key: String| {
+        let http = server.http.clone();
+        let url = server.url("/v1/gateway/groups");
+        async move { http.get(url).bearer_auth(key).send().await.unwrap() }
+    };
+    assert_eq!(list(key.to_owned()).await.status(), 200);
+
+    let again = tollgate()
+        .args(["workspace", "create", "acme", "--database", &db])
+        .output()
+        .await
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let disable = tollgate()
+        .args(["workspace", "disable", "acme", "--database", &db])
+        .output()
+        .await
+        .unwrap();
+    assert!(disable.status.success());
+    let (status, body) = status_json(list(key.to_owned()).await).await;
+    assert_eq!(status, 403, "{body}");
+
+    let enable = tollgate()
+        .args(["workspace", "enable", "acme", "--database", &db])
+        .output()
+        .await
+        .unwrap();
+    assert!(enable.status.success());
+    assert_eq!(list(key.to_owned()).await.status(), 200);
+
+    let missing = tollgate()
+        .args(["workspace", "disable", "nobody", "--database", &db])
+        .output()
+        .await
+        .unwrap();
+    assert!(!missing.status.success());
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_stream_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let admin = format!("tgm_sigtermtest{}", "x".repeat(32));
+    let mock = tollgate_testkit::MockUpstream::start().await.unwrap();
+    let mut command = tollgate();
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--database", &db])
+        .env("TOLLGATE_ADMIN_KEY", &admin)
+        .env("TOLLGATE_ALLOW_PRIVATE_NETWORKS", "true");
+    let mut gateway = spawn(command);
+    let addr = listening_addr(&mut gateway).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("http://{addr}{path}"))
+            .header("Authorization", format!("Api-Key {admin}"))
+            .json(&body)
+            .send()
+    };
+    ok_json(
+        post(
+            "/v1/gateway/endpoints",
+            json!({"slug": "acme/slow", "targets": [{"provider": "OPENAI_COMPATIBLE",
+                "base_url": mock.base_url(), "target_model": "echo?chunks=20&interval_ms=50",
+                "secret_id": null}]}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let group = ok_json(
+        post(
+            "/v1/gateway/groups",
+            json!({"metadata": {"external_entity_id": "c1"}, "models": [{"slug": "acme/slow"}],
+                   "hierarchy": {"limit_enforcement": "INDEPENDENT", "parent_group_id": null}}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let id = group["id"].as_str().unwrap();
+    let key = ok_json(
+        post(&format!("/v1/gateway/groups/{id}/api_keys"), json!({"name": null}))
+            .await
+            .unwrap(),
+    )
+    .await["api_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let stream = http
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": "acme/slow", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    sigterm(&gateway.child);
+    let body = stream.text().await.unwrap();
+    assert!(body.trim_end().ends_with("data: [DONE]"), "stream cut short: {body}");
+    assert_eq!(body.matches("chat.completion.chunk").count(), 21, "{body}");
+    let status = tokio::time::timeout(Duration::from_secs(10), gateway.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}

@@ -1,0 +1,75 @@
+//! Command-line arguments only. Every `serve` option can also come from a `TOLLGATE_*`
+//! environment variable or the `--config` TOML file; precedence is
+//! defaults < file < environment < flags (see `config.rs`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about = "Self-hosted inference gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (management API and OpenAI-compatible data plane).
+    Serve(ServeArgs),
+    /// Create, disable or enable workspaces.
+    Workspace {
+        #[command(subcommand)]
+        action: WorkspaceAction,
+        /// Database URL (`sqlite://tollgate.db` by default).
+        #[arg(long, env = "TOLLGATE_DATABASE_URL", global = true)]
+        database: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceAction {
+    /// Create a workspace; prints its first `manage` key alone on stdout.
+    Create { name: String },
+    /// Refuse the workspace's management calls (403) and API keys (401).
+    Disable { name: String },
+    /// Restore a disabled workspace.
+    Enable { name: String },
+}
+
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "TOLLGATE_LISTEN")]
+    pub listen: Option<String>,
+    /// Database URL [default: sqlite://tollgate.db].
+    #[arg(long, env = "TOLLGATE_DATABASE_URL")]
+    pub database: Option<String>,
+    /// Redis URL for shared rate counters (unset: in-process limiter).
+    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    pub redis: Option<String>,
+    /// A `manage` key of workspace `default`, at least 32 characters, valid on every start.
+    #[arg(long = "admin-key", env = "TOLLGATE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Base64 of 32 bytes that seal stored secrets (generated next to the SQLite file when unset).
+    #[arg(long = "master-key", env = "TOLLGATE_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<String>,
+    /// Let upstream and webhook URLs resolve to loopback / private / link-local addresses.
+    #[arg(long = "allow-private-networks", env = "TOLLGATE_ALLOW_PRIVATE_NETWORKS")]
+    pub allow_private_networks: Option<bool>,
+    /// Largest accepted request body in bytes [default: 10485760].
+    #[arg(long = "max-body-bytes", env = "TOLLGATE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Time allowed for an upstream's response headers, e.g. `60s` [default: 60s].
+    #[arg(long = "upstream-timeout", env = "TOLLGATE_UPSTREAM_TIMEOUT")]
+    pub upstream_timeout: Option<String>,
+    /// Log format: `text` or `json` [default: text].
+    #[arg(long = "log-format", env = "TOLLGATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Also run a built-in mock model and register endpoint `demo/echo`, a group and a key.
+    #[arg(long)]
+    pub demo: bool,
+}

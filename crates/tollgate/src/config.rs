@@ -1,0 +1,221 @@
+//! Resolved configuration: defaults < TOML file (`--config`) < `TOLLGATE_*` environment <
+//! command-line flags. clap already merges the last two (a flag beats its variable), so
+//! this module only lays the file and the defaults underneath. Unknown file keys are an
+//! error, never silently ignored.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::cli::ServeArgs;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATABASE: &str = "sqlite://tollgate.db";
+pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MIN_ADMIN_KEY_LEN: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything `serve` needs, fully resolved.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub admin_key: Option<String>,
+    /// 32 bytes; `None` = read or generate the key file next to the SQLite database.
+    pub master_key: Option<[u8; 32]>,
+    pub allow_private_networks: bool,
+    pub max_body_bytes: usize,
+    pub upstream_timeout: Duration,
+    pub log_format: LogFormat,
+    pub demo: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("database_url", &self.database_url)
+            .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
+            .field("master_key", &self.master_key.as_ref().map(|_| "<set>"))
+            .field("allow_private_networks", &self.allow_private_networks)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("upstream_timeout", &self.upstream_timeout)
+            .field("log_format", &self.log_format)
+            .field("demo", &self.demo)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Defaults only: what `tollgate serve` uses with no file, variable or flag.
+    pub fn defaults() -> anyhow::Result<Self> {
+        Self::resolve(ServeArgs::default(), FileConfig::default())
+    }
+
+    /// Lays the file's values under the flags / environment.
+    pub fn from_args(args: ServeArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(args, file)
+    }
+
+    fn resolve(args: ServeArgs, file: FileConfig) -> anyhow::Result<Self> {
+        let listen_text = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_text
+            .parse()
+            .with_context(|| format!("listen: '{listen_text}' is not an address like 127.0.0.1:8080"))?;
+        if let Some(redis) = args.redis.or(file.redis_url) {
+            bail!(
+                "redis: shared Redis rate counters are not available in this version; \
+                 remove '{redis}' to use the in-process limiter"
+            );
+        }
+        let admin_key = args.admin_key.or(file.admin_key);
+        if let Some(key) = &admin_key {
+            if key.chars().count() < MIN_ADMIN_KEY_LEN {
+                bail!("TOLLGATE_ADMIN_KEY must be at least {MIN_ADMIN_KEY_LEN} characters");
+            }
+            if !key.bytes().all(|c| c.is_ascii_graphic()) {
+                bail!("TOLLGATE_ADMIN_KEY must be printable ASCII without spaces");
+            }
+        }
+        let master_key = match args.master_key.or(file.master_key) {
+            Some(text) => Some(parse_master_key(&text)?),
+            None => None,
+        };
+        let upstream_timeout = match args.upstream_timeout.or(file.upstream_timeout) {
+            Some(text) => humantime::parse_duration(&text)
+                .with_context(|| format!("upstream_timeout: '{text}' is not a duration like 60s"))?,
+            None => DEFAULT_UPSTREAM_TIMEOUT,
+        };
+        let max_body_bytes = args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            bail!("max_body_bytes must be positive");
+        }
+        let log_format = match args.log_format.or(file.log_format).as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => bail!("log_format: '{other}' is not 'text' or 'json'"),
+        };
+        Ok(Self {
+            listen,
+            database_url: args
+                .database
+                .or(file.database_url)
+                .unwrap_or_else(|| DEFAULT_DATABASE.to_owned()),
+            admin_key,
+            master_key,
+            allow_private_networks: args
+                .allow_private_networks
+                .or(file.allow_private_networks)
+                .unwrap_or(false),
+            max_body_bytes,
+            upstream_timeout,
+            log_format,
+            demo: args.demo,
+        })
+    }
+}
+
+/// Base64 (standard or URL-safe, padding optional) of exactly 32 bytes.
+pub fn parse_master_key(text: &str) -> anyhow::Result<[u8; 32]> {
+    use base64::Engine as _;
+    let text = text.trim();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text))
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text))
+        .context("master key: not base64")?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| anyhow::anyhow!("master key: must decode to 32 bytes, got {}", b.len()))
+}
+
+/// The `--config` file (see `tollgate.example.toml`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub database_url: Option<String>,
+    pub redis_url: Option<String>,
+    pub admin_key: Option<String>,
+    pub master_key: Option<String>,
+    pub allow_private_networks: Option<bool>,
+    pub max_body_bytes: Option<usize>,
+    pub upstream_timeout: Option<String>,
+    pub log_format: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "read once at start-up, before the runtime serves anything"
+        )]
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let config = Config::defaults().unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.database_url, "sqlite://tollgate.db");
+        assert_eq!(config.max_body_bytes, 10_485_760);
+        assert_eq!(config.upstream_timeout, Duration::from_secs(60));
+        assert!(!config.allow_private_networks);
+    }
+
+    #[test]
+    fn flags_and_environment_beat_the_file() {
+        let file: FileConfig =
+            toml::from_str("listen = \"127.0.0.1:9000\"\nmax_body_bytes = 5\n").unwrap();
+        let args = ServeArgs {
+            listen: Some("127.0.0.1:9001".into()),
+            ..ServeArgs::default()
+        };
+        let config = Config::resolve(args, file).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(config.max_body_bytes, 5);
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_values_are_errors() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+        let short = ServeArgs {
+            admin_key: Some("short".into()),
+            ..ServeArgs::default()
+        };
+        assert!(Config::resolve(short, FileConfig::default()).is_err());
+        let bad_format = ServeArgs {
+            log_format: Some("xml".into()),
+            ..ServeArgs::default()
+        };
+        assert!(Config::resolve(bad_format, FileConfig::default()).is_err());
+        assert!(parse_master_key("AAAA").is_err());
+        assert_eq!(parse_master_key(&"A".repeat(43)).unwrap(), [0; 32]);
+    }
+}

@@ -1,0 +1,264 @@
+//! The HTTP server: opens the store, bootstraps the default workspace, merges the
+//! management and data-plane routers under one request-id layer, and serves until told
+//! to stop. Shutdown is graceful: the listener closes, in-flight requests finish, then
+//! the store is closed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt as _;
+use axum::{Json, Router};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tollgate_core::ids::{new_id, IdKind, RequestId};
+use tollgate_core::secretbox::SecretBox;
+use tollgate_core::{Clock, SystemClock};
+use tollgate_store::{SqliteStore, Store};
+
+use crate::bootstrap;
+use crate::config::Config;
+
+/// A server that is accepting connections.
+pub struct RunningServer {
+    addr: SocketAddr,
+    store: Arc<dyn Store>,
+    sqlite: Arc<SqliteStore>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+    /// Keeps the demo's mock model running as long as the server.
+    _demo: Option<tollgate_testkit::MockUpstream>,
+}
+
+impl RunningServer {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Stops accepting, lets in-flight requests finish, closes the store.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.finish().await
+    }
+
+    /// Serves until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        signal.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.finish().await
+    }
+
+    async fn finish(self) -> anyhow::Result<()> {
+        let served = self.task.await.context("server task")?;
+        self.sqlite.close().await;
+        served
+    }
+}
+
+/// Opens the store, bootstraps, binds `config.listen` and starts serving.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    if config.database_url.starts_with("postgres") {
+        bail!("database: PostgreSQL is not available in this version; use a sqlite:// URL");
+    }
+    let sqlite = Arc::new(
+        SqliteStore::open(&config.database_url)
+            .await
+            .with_context(|| format!("opening database {}", config.database_url))?,
+    );
+    let store: Arc<dyn Store> = sqlite.clone();
+    let master_key = match config.master_key {
+        Some(key) => key,
+        None => load_or_create_master_key(&config.database_url).await?,
+    };
+    let sealer = Arc::new(SecretBox::new(&master_key));
+
+    bootstrap::default_workspace(store.as_ref(), clock.as_ref(), config.admin_key.as_deref())
+        .await?;
+
+    let allow_private_networks = config.allow_private_networks || config.demo;
+    let admin = tollgate_admin::router(tollgate_admin::AdminState {
+        store: store.clone(),
+        clock: clock.clone(),
+        sealer: sealer.clone(),
+        allow_private_networks,
+    });
+    let http = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .context("building the upstream HTTP client")?;
+    let proxy = tollgate_proxy::router(tollgate_proxy::ProxyState {
+        store: store.clone(),
+        clock: clock.clone(),
+        sealer: sealer.clone(),
+        config: tollgate_proxy::ProxyConfig {
+            max_body_bytes: config.max_body_bytes,
+            first_byte_timeout: config.upstream_timeout,
+        },
+        http,
+    });
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz).with_state(store.clone()))
+        .merge(admin)
+        .merge(proxy)
+        .fallback(not_found)
+        .layer(middleware::from_fn(request_id));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = %config.database_url, "tollgate listening");
+
+    let demo = if config.demo {
+        Some(crate::demo::setup(store.as_ref(), clock.as_ref(), addr).await?)
+    } else {
+        None
+    };
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        // Nagle's algorithm plus delayed ACKs adds ~40 ms to small streamed writes.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app.into_make_service())
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .context("serving")
+    });
+    Ok(RunningServer {
+        addr,
+        store,
+        sqlite,
+        stop: Some(stop),
+        task,
+        _demo: demo,
+    })
+}
+
+/// Puts the gateway's own request id into the request and `x-request-id` on the answer.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = new_id(IdKind::Request);
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(axum::extract::State(store): axum::extract::State<Arc<dyn Store>>) -> Response {
+    match store.workspace_by_name(bootstrap::DEFAULT_WORKSPACE).await {
+        Ok(_) => Json(serde_json::json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "store not ready");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"status": "unavailable", "reason": "store"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Unknown routes: the management API's error shape under `/v1/gateway`, OpenAI's
+/// elsewhere. Never a bare empty 404.
+async fn not_found(uri: Uri) -> Response {
+    let path = uri.path();
+    let body = if path.starts_with("/v1/gateway") {
+        serde_json::json!({"error": format!("No route {path}"), "code": "not_found"})
+    } else {
+        serde_json::json!({"error": {
+            "message": format!("Unknown request URL: {path}"),
+            "type": "invalid_request_error",
+            "param": null,
+            "code": "unknown_url",
+        }})
+    };
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+/// The SQLite file's path, or `None` for an in-memory database.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let rest = rest.split('?').next().unwrap_or(rest);
+    (!rest.is_empty() && rest != ":memory:").then(|| PathBuf::from(rest))
+}
+
+/// Reads `tollgate.master_key` next to the SQLite file, creating it (mode 0600) on first
+/// start. An in-memory database gets a key that lives as long as the process.
+async fn load_or_create_master_key(database_url: &str) -> anyhow::Result<[u8; 32]> {
+    let Some(db) = sqlite_path(database_url) else {
+        return Ok(rand::random());
+    };
+    let dir = db.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let path = dir.join("tollgate.master_key");
+    match tokio::fs::read_to_string(&path).await {
+        Ok(text) => crate::config::parse_master_key(&text)
+            .with_context(|| format!("reading {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use base64::Engine as _;
+            let key: [u8; 32] = rand::random();
+            let text = base64::engine::general_purpose::STANDARD.encode(key);
+            write_private_file(&path, text.as_bytes()).await?;
+            tracing::info!(path = %path.display(), "generated the master key that seals stored secrets");
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+async fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options
+        .open(path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents).await?;
+    file.sync_all().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(sqlite_path("sqlite://tollgate.db"), Some(PathBuf::from("tollgate.db")));
+        assert_eq!(sqlite_path("sqlite:///var/lib/t.db"), Some(PathBuf::from("/var/lib/t.db")));
+        assert_eq!(sqlite_path("sqlite:x.db?mode=rwc"), Some(PathBuf::from("x.db")));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+    }
+}
