@@ -1,1 +1,859 @@
-pub struct SqliteStore;
+//! The embedded SQLite store: one file, WAL journal, two pools.
+//!
+//! Reads go through a pool of several read-only connections; writes go through a pool of
+//! exactly one connection, so every write transaction is serialized in-process. In WAL
+//! mode readers never wait for the writer, and because no other connection of this
+//! process ever writes, a read-then-write transaction (`create_group`) cannot fail to
+//! upgrade its lock with SQLITE_BUSY. Write transactions start with `BEGIN IMMEDIATE` so
+//! that another process on the same file (`tollgate workspace create` next to a running
+//! server) waits on the busy timeout instead of failing half-way.
+//! Pinned by `concurrent_create_group_never_busy` in `tests/conformance.rs`.
+
+mod rows;
+mod tree;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, Transaction};
+use tollgate_core::endpoint::Target;
+use tollgate_core::ids::{new_id, IdKind};
+use tollgate_core::{Group, Timestamp};
+
+use rows::{
+    into_page, Sequenced, API_KEY_COLUMNS, ENDPOINT_COLUMNS, GROUP_COLUMNS, MANAGEMENT_KEY_COLUMNS,
+    SECRET_COLUMNS, USAGE_EVENT_COLUMNS, WORKSPACE_COLUMNS,
+};
+
+use crate::{
+    ApiKey, DayUsage, Endpoint, GroupFilter, GroupPatch, GroupWriteError, KeyGrant, ManagementKey,
+    NewApiKey, NewEndpoint, NewGroup, NewManagementKey, NewSecret, Page, PageRequest, Secret,
+    Store, StoreError, StoreResult, UsageEvent, UsageFilter, Workspace,
+};
+
+/// How long a connection waits for a lock held by another process before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read connections; the machine Tollgate targets has few cores and reads are short.
+const READ_CONNECTIONS: u32 = 4;
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    read: SqlitePool,
+    /// Exactly one connection: the in-process write lock.
+    write: SqlitePool,
+}
+
+/// Where the database lives, from a `--database` value.
+#[derive(Debug, PartialEq, Eq)]
+enum Location {
+    File(PathBuf),
+    /// `sqlite::memory:` — one connection serves reads and writes, since every new
+    /// connection to `:memory:` would be a different, empty database.
+    Memory,
+}
+
+impl Location {
+    /// Accepts `sqlite://path.db`, `sqlite:path.db` and a plain path
+    /// (`sqlite:///abs/path.db` is the absolute `/abs/path.db`).
+    fn parse(url: &str) -> Location {
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        if path == ":memory:" {
+            Location::Memory
+        } else {
+            Location::File(PathBuf::from(path))
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating it when missing) the database at `url` and applies migrations.
+    pub async fn open(url: &str) -> StoreResult<SqliteStore> {
+        let store = match Location::parse(url) {
+            Location::Memory => Self::open_memory().await?,
+            Location::File(path) => Self::open_file(&path).await?,
+        };
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&store.write)
+            .await?;
+        Ok(store)
+    }
+
+    async fn open_file(path: &Path) -> StoreResult<SqliteStore> {
+        if path.as_os_str().is_empty() {
+            return Err(StoreError::Database(sqlx::Error::Configuration(
+                "the SQLite database path is empty".into(),
+            )));
+        }
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        }
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            // In WAL mode NORMAL syncs at checkpoints, not at every commit: a committed
+            // transaction survives a crash of the process (the WAL is in the OS's hands),
+            // and only a power loss or kernel crash can roll back the last commits.
+            .synchronous(SqliteSynchronous::Normal);
+        let write_options = base
+            .clone()
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        // The writer stays open for the life of the store, so the WAL index is always
+        // there for the read-only connections.
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(write_options)
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(READ_CONNECTIONS)
+            .connect_with(base.read_only(true))
+            .await?;
+        Ok(SqliteStore { read, write })
+    }
+
+    async fn open_memory() -> StoreResult<SqliteStore> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore {
+            read: pool.clone(),
+            write: pool,
+        })
+    }
+
+    /// Closes both pools, waiting for connections in use to be returned. Called once on
+    /// graceful shutdown, after the last write.
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+
+    async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// The message of a UNIQUE violation (`UNIQUE constraint failed: table.column`), if that
+/// is what `e` is.
+fn unique_violation(e: &sqlx::Error) -> Option<&str> {
+    match e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => Some(db.message()),
+        _ => None,
+    }
+}
+
+/// Maps a UNIQUE violation on `column` to `Duplicate(what)`, any other one to
+/// `Duplicate("id")` (a clash of random ids), and everything else to a database error.
+fn duplicate_on(e: sqlx::Error, column: &str, what: &'static str) -> StoreError {
+    match unique_violation(&e) {
+        Some(message) if message.contains(column) => StoreError::Duplicate(what),
+        Some(_) => StoreError::Duplicate("id"),
+        None => StoreError::Database(e),
+    }
+}
+
+/// Keyset parameters: at least one row per page, `limit + 1` fetched to learn if more.
+fn page_bounds(page: PageRequest) -> (usize, i64, i64) {
+    let limit = page.limit.max(1);
+    let after = page.after.unwrap_or(0);
+    (limit as usize, after, i64::from(limit) + 1)
+}
+
+async fn fetch_page<T>(
+    query: &mut QueryBuilder<'_, Sqlite>,
+    pool: &SqlitePool,
+    limit: usize,
+    decode: fn(&sqlx::sqlite::SqliteRow) -> StoreResult<Sequenced<T>>,
+) -> StoreResult<Page<T>> {
+    let rows = query.build().fetch_all(pool).await?;
+    let decoded = rows.iter().map(decode).collect::<StoreResult<Vec<_>>>()?;
+    Ok(into_page(decoded, limit))
+}
+
+async fn workspace_by_id(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<Workspace>> {
+    let row = sqlx::query(&format!(
+        "SELECT {WORKSPACE_COLUMNS} FROM workspaces w WHERE w.id = ?1"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(rows::workspace).transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    // --- workspaces -------------------------------------------------------------------
+
+    async fn create_workspace(&self, name: &str, now: Timestamp) -> StoreResult<Workspace> {
+        let workspace = Workspace {
+            id: new_id(IdKind::Workspace),
+            name: name.to_owned(),
+            is_enabled: true,
+            signing_key: None,
+            created_at: now,
+        };
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, is_enabled, created_at) VALUES (?1, ?2, 1, ?3)",
+        )
+        .bind(&workspace.id)
+        .bind(&workspace.name)
+        .bind(now.0)
+        .execute(&self.write)
+        .await
+        .map_err(|e| duplicate_on(e, "workspaces.name", "workspace"))?;
+        Ok(workspace)
+    }
+
+    async fn workspace_by_name(&self, name: &str) -> StoreResult<Option<Workspace>> {
+        let row = sqlx::query(&format!(
+            "SELECT {WORKSPACE_COLUMNS} FROM workspaces w WHERE w.name = ?1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(rows::workspace).transpose()
+    }
+
+    async fn workspace(&self, id: &str) -> StoreResult<Option<Workspace>> {
+        let mut conn = self.read.acquire().await?;
+        workspace_by_id(&mut conn, id).await
+    }
+
+    async fn set_workspace_enabled(&self, name: &str, enabled: bool) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE workspaces SET is_enabled = ?1 WHERE name = ?2")
+            .bind(enabled)
+            .bind(name)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn set_signing_key(&self, workspace_id: &str, public_key: &[u8]) -> StoreResult<()> {
+        sqlx::query("UPDATE workspaces SET signing_key = ?1 WHERE id = ?2")
+            .bind(public_key)
+            .bind(workspace_id)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    // --- management keys --------------------------------------------------------------
+
+    async fn insert_management_key(&self, key: NewManagementKey) -> StoreResult<ManagementKey> {
+        sqlx::query(
+            "INSERT INTO management_keys (prefix, workspace_id, hash, name, scope, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&key.prefix)
+        .bind(&key.workspace_id)
+        .bind(&key.hash)
+        .bind(&key.name)
+        .bind(key.scope.as_str())
+        .bind(key.created_at.0)
+        .execute(&self.write)
+        .await
+        .map_err(|e| duplicate_on(e, "management_keys.prefix", "prefix"))?;
+        Ok(ManagementKey {
+            workspace_id: key.workspace_id,
+            prefix: key.prefix,
+            hash: key.hash,
+            name: key.name,
+            scope: key.scope,
+            created_at: key.created_at,
+        })
+    }
+
+    /// A live key with the same hash (anywhere) means there is nothing to do. Otherwise
+    /// the key is inserted; when its prefix is already used — by a revoked copy of this
+    /// very key, or by a different key that happens to share the prefix — that row is
+    /// replaced by this key (live again, new workspace, name, scope and created_at), since
+    /// prefixes identify management keys and the configured key must work.
+    async fn ensure_management_key(&self, key: NewManagementKey) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        let live =
+            sqlx::query("SELECT 1 FROM management_keys WHERE hash = ?1 AND revoked_at IS NULL")
+                .bind(&key.hash)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if live.is_none() {
+            sqlx::query(
+                "INSERT INTO management_keys \
+                 (prefix, workspace_id, hash, name, scope, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (prefix) DO UPDATE SET workspace_id = excluded.workspace_id, \
+                 hash = excluded.hash, name = excluded.name, scope = excluded.scope, \
+                 created_at = excluded.created_at, revoked_at = NULL",
+            )
+            .bind(&key.prefix)
+            .bind(&key.workspace_id)
+            .bind(&key.hash)
+            .bind(&key.name)
+            .bind(key.scope.as_str())
+            .bind(key.created_at.0)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn management_key_by_prefix(
+        &self,
+        prefix: &str,
+    ) -> StoreResult<Option<(ManagementKey, Workspace)>> {
+        let mut conn = self.read.acquire().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {MANAGEMENT_KEY_COLUMNS} FROM management_keys m \
+             WHERE m.prefix = ?1 AND m.revoked_at IS NULL"
+        ))
+        .bind(prefix)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((_, key)) = row.as_ref().map(rows::management_key).transpose()? else {
+            return Ok(None);
+        };
+        Ok(workspace_by_id(&mut conn, &key.workspace_id)
+            .await?
+            .map(|workspace| (key, workspace)))
+    }
+
+    async fn list_management_keys(
+        &self,
+        workspace_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<ManagementKey>> {
+        let (limit, after, fetch) = page_bounds(page);
+        let mut query = QueryBuilder::new(format!(
+            "SELECT {MANAGEMENT_KEY_COLUMNS} FROM management_keys m WHERE m.revoked_at IS NULL"
+        ));
+        query
+            .push(" AND m.workspace_id = ")
+            .push_bind(workspace_id.to_owned());
+        query.push(" AND m.seq > ").push_bind(after);
+        query.push(" ORDER BY m.seq LIMIT ").push_bind(fetch);
+        fetch_page(&mut query, &self.read, limit, rows::management_key).await
+    }
+
+    async fn revoke_management_key(
+        &self,
+        workspace_id: &str,
+        prefix: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<ManagementKey>> {
+        let row = sqlx::query(&format!(
+            "UPDATE management_keys AS m SET revoked_at = ?1 \
+             WHERE m.workspace_id = ?2 AND m.prefix = ?3 AND m.revoked_at IS NULL \
+             RETURNING {MANAGEMENT_KEY_COLUMNS}"
+        ))
+        .bind(now.0)
+        .bind(workspace_id)
+        .bind(prefix)
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(row
+            .as_ref()
+            .map(rows::management_key)
+            .transpose()?
+            .map(|(_, key)| key))
+    }
+
+    // --- secrets ----------------------------------------------------------------------
+
+    async fn insert_secret(&self, secret: NewSecret) -> StoreResult<Secret> {
+        sqlx::query(
+            "INSERT INTO secrets (id, workspace_id, name, ciphertext, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&secret.id)
+        .bind(&secret.workspace_id)
+        .bind(&secret.name)
+        .bind(&secret.ciphertext)
+        .bind(secret.created_at.0)
+        .execute(&self.write)
+        .await
+        .map_err(|e| duplicate_on(e, "secrets.id", "id"))?;
+        Ok(Secret {
+            id: secret.id,
+            workspace_id: secret.workspace_id,
+            name: secret.name,
+            ciphertext: secret.ciphertext,
+            created_at: secret.created_at,
+        })
+    }
+
+    async fn secret(&self, id: &str) -> StoreResult<Option<Secret>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SECRET_COLUMNS} FROM secrets s WHERE s.id = ?1 AND s.deleted_at IS NULL"
+        ))
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.as_ref().map(rows::secret).transpose()?.map(|(_, s)| s))
+    }
+
+    async fn list_secrets(
+        &self,
+        workspace_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Secret>> {
+        let (limit, after, fetch) = page_bounds(page);
+        let mut query = QueryBuilder::new(format!(
+            "SELECT {SECRET_COLUMNS} FROM secrets s WHERE s.deleted_at IS NULL"
+        ));
+        query
+            .push(" AND s.workspace_id = ")
+            .push_bind(workspace_id.to_owned());
+        query.push(" AND s.seq > ").push_bind(after);
+        query.push(" ORDER BY s.seq LIMIT ").push_bind(fetch);
+        fetch_page(&mut query, &self.read, limit, rows::secret).await
+    }
+
+    async fn delete_secret(&self, id: &str, now: Timestamp) -> StoreResult<Option<Secret>> {
+        let row = sqlx::query(&format!(
+            "UPDATE secrets AS s SET deleted_at = ?1 WHERE s.id = ?2 AND s.deleted_at IS NULL \
+             RETURNING {SECRET_COLUMNS}"
+        ))
+        .bind(now.0)
+        .bind(id)
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(row.as_ref().map(rows::secret).transpose()?.map(|(_, s)| s))
+    }
+
+    // --- endpoints --------------------------------------------------------------------
+
+    async fn insert_endpoint(&self, endpoint: NewEndpoint) -> StoreResult<Endpoint> {
+        sqlx::query(
+            "INSERT INTO endpoints \
+             (id, workspace_id, slug, region, targets, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        )
+        .bind(&endpoint.id)
+        .bind(&endpoint.workspace_id)
+        .bind(&endpoint.slug)
+        .bind(rows::region_str(endpoint.region))
+        .bind(rows::targets_json(&endpoint.targets)?)
+        .bind(endpoint.created_at.0)
+        .execute(&self.write)
+        .await
+        .map_err(|e| duplicate_on(e, "endpoints.slug", "slug"))?;
+        Ok(Endpoint {
+            id: endpoint.id,
+            workspace_id: endpoint.workspace_id,
+            slug: endpoint.slug,
+            region: endpoint.region,
+            targets: endpoint.targets,
+            created_at: endpoint.created_at,
+            updated_at: endpoint.created_at,
+        })
+    }
+
+    async fn endpoint(&self, id: &str) -> StoreResult<Option<Endpoint>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints e WHERE e.id = ?1 AND e.deleted_at IS NULL"
+        ))
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row
+            .as_ref()
+            .map(rows::endpoint)
+            .transpose()?
+            .map(|(_, e)| e))
+    }
+
+    async fn endpoint_by_slug(&self, slug: &str) -> StoreResult<Option<Endpoint>> {
+        let row = sqlx::query(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints e \
+             WHERE e.slug = ?1 AND e.deleted_at IS NULL"
+        ))
+        .bind(slug)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row
+            .as_ref()
+            .map(rows::endpoint)
+            .transpose()?
+            .map(|(_, e)| e))
+    }
+
+    async fn list_endpoints(
+        &self,
+        workspace_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Endpoint>> {
+        let (limit, after, fetch) = page_bounds(page);
+        let mut query = QueryBuilder::new(format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints e WHERE e.deleted_at IS NULL"
+        ));
+        query
+            .push(" AND e.workspace_id = ")
+            .push_bind(workspace_id.to_owned());
+        query.push(" AND e.seq > ").push_bind(after);
+        query.push(" ORDER BY e.seq LIMIT ").push_bind(fetch);
+        fetch_page(&mut query, &self.read, limit, rows::endpoint).await
+    }
+
+    async fn update_endpoint_targets(
+        &self,
+        id: &str,
+        targets: &[Target],
+        now: Timestamp,
+    ) -> StoreResult<Option<Endpoint>> {
+        let row = sqlx::query(&format!(
+            "UPDATE endpoints AS e SET targets = ?1, updated_at = ?2 \
+             WHERE e.id = ?3 AND e.deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
+        ))
+        .bind(rows::targets_json(targets)?)
+        .bind(now.0)
+        .bind(id)
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(row
+            .as_ref()
+            .map(rows::endpoint)
+            .transpose()?
+            .map(|(_, e)| e))
+    }
+
+    async fn delete_endpoint(&self, id: &str, now: Timestamp) -> StoreResult<Option<Endpoint>> {
+        let row = sqlx::query(&format!(
+            "UPDATE endpoints AS e SET deleted_at = ?1 \
+             WHERE e.id = ?2 AND e.deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
+        ))
+        .bind(now.0)
+        .bind(id)
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(row
+            .as_ref()
+            .map(rows::endpoint)
+            .transpose()?
+            .map(|(_, e)| e))
+    }
+
+    // --- groups -----------------------------------------------------------------------
+
+    async fn create_group(&self, group: NewGroup) -> Result<Group, GroupWriteError> {
+        let mut tx = self.begin_write().await?;
+        let created = tree::create(&mut tx, group).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn group(&self, id: &str) -> StoreResult<Option<Group>> {
+        let row = sqlx::query(&format!(
+            "SELECT {GROUP_COLUMNS} FROM groups g WHERE g.id = ?1 AND g.deleted_at IS NULL"
+        ))
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.as_ref().map(rows::group).transpose()?.map(|(_, g)| g))
+    }
+
+    async fn group_chain(&self, id: &str) -> StoreResult<Vec<Group>> {
+        let mut conn = self.read.acquire().await?;
+        tree::chain(&mut conn, id).await
+    }
+
+    async fn list_groups(
+        &self,
+        workspace_id: &str,
+        filter: &GroupFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<Group>> {
+        let (limit, after, fetch) = page_bounds(page);
+        let mut query = QueryBuilder::new(format!(
+            "SELECT {GROUP_COLUMNS} FROM groups g WHERE g.deleted_at IS NULL"
+        ));
+        query
+            .push(" AND g.workspace_id = ")
+            .push_bind(workspace_id.to_owned());
+        if let Some(external_id) = &filter.external_entity_id {
+            query
+                .push(" AND g.external_entity_id = ")
+                .push_bind(external_id.clone());
+        }
+        if let Some(parent_id) = &filter.parent_group_id {
+            query
+                .push(" AND g.parent_id = ")
+                .push_bind(parent_id.clone());
+        }
+        query.push(" AND g.seq > ").push_bind(after);
+        query.push(" ORDER BY g.seq LIMIT ").push_bind(fetch);
+        fetch_page(&mut query, &self.read, limit, rows::group).await
+    }
+
+    async fn update_group(&self, id: &str, patch: GroupPatch) -> Result<Group, GroupWriteError> {
+        let mut tx = self.begin_write().await?;
+        let updated = tree::update(&mut tx, id, patch).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn delete_group(
+        &self,
+        id: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<(Group, Timestamp)>> {
+        let mut tx = self.begin_write().await?;
+        let deleted = tree::delete(&mut tx, id, now).await?;
+        tx.commit().await?;
+        Ok(deleted.map(|group| (group, now)))
+    }
+
+    // --- API keys ---------------------------------------------------------------------
+
+    async fn insert_api_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
+        sqlx::query(
+            "INSERT INTO api_keys (prefix, group_id, hash, name, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&key.prefix)
+        .bind(&key.group_id)
+        .bind(&key.hash)
+        .bind(&key.name)
+        .bind(key.created_at.0)
+        .execute(&self.write)
+        .await
+        .map_err(|e| duplicate_on(e, "api_keys.prefix", "prefix"))?;
+        Ok(ApiKey {
+            group_id: key.group_id,
+            prefix: key.prefix,
+            hash: key.hash,
+            name: key.name,
+            created_at: key.created_at,
+        })
+    }
+
+    async fn api_key(&self, group_id: &str, prefix: &str) -> StoreResult<Option<ApiKey>> {
+        let row = sqlx::query(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys k \
+             WHERE k.group_id = ?1 AND k.prefix = ?2 AND k.revoked_at IS NULL"
+        ))
+        .bind(group_id)
+        .bind(prefix)
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.as_ref().map(rows::api_key).transpose()?.map(|(_, k)| k))
+    }
+
+    async fn list_api_keys(&self, group_id: &str, page: PageRequest) -> StoreResult<Page<ApiKey>> {
+        let (limit, after, fetch) = page_bounds(page);
+        let mut query = QueryBuilder::new(format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys k WHERE k.revoked_at IS NULL"
+        ));
+        query
+            .push(" AND k.group_id = ")
+            .push_bind(group_id.to_owned());
+        query.push(" AND k.seq > ").push_bind(after);
+        query.push(" ORDER BY k.seq LIMIT ").push_bind(fetch);
+        fetch_page(&mut query, &self.read, limit, rows::api_key).await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        group_id: &str,
+        prefix: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<ApiKey>> {
+        let row = sqlx::query(&format!(
+            "UPDATE api_keys AS k SET revoked_at = ?1 \
+             WHERE k.group_id = ?2 AND k.prefix = ?3 AND k.revoked_at IS NULL \
+             RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(now.0)
+        .bind(group_id)
+        .bind(prefix)
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(row.as_ref().map(rows::api_key).transpose()?.map(|(_, k)| k))
+    }
+
+    async fn api_key_prefix_exists(&self, prefix: &str) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT 1 FROM api_keys WHERE prefix = ?1")
+            .bind(prefix)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Two statements in one read transaction, so the key, its workspace and its chain
+    /// come from the same snapshot.
+    async fn resolve_api_key(&self, prefix: &str) -> StoreResult<Option<KeyGrant>> {
+        let mut tx = self.read.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys k \
+             WHERE k.prefix = ?1 AND k.revoked_at IS NULL"
+        ))
+        .bind(prefix)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((_, key)) = row.as_ref().map(rows::api_key).transpose()? else {
+            return Ok(None);
+        };
+        let chain = tree::chain(&mut tx, &key.group_id).await?;
+        let Some(group) = chain.first() else {
+            return Ok(None);
+        };
+        let Some(workspace) = workspace_by_id(&mut tx, &group.workspace_id).await? else {
+            return Ok(None);
+        };
+        tx.commit().await?;
+        Ok(Some(KeyGrant {
+            key,
+            chain,
+            workspace,
+        }))
+    }
+
+    // --- usage ------------------------------------------------------------------------
+
+    /// Idempotent on `idempotency_key`: storing the same event twice (a spool replayed
+    /// after a crash) keeps the first copy.
+    async fn insert_usage_event(&self, event: &UsageEvent) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO usage_events (idempotency_key, timestamp, request_id, \
+             request_metadata, model_slug, external_entity_id, api_key_prefix, group_id, \
+             workspace_id, status, input_tokens, output_tokens, cached_input_tokens, \
+             is_estimated) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(&event.idempotency_key)
+        .bind(event.timestamp.0)
+        .bind(&event.request_id)
+        .bind(&event.request_metadata)
+        .bind(&event.model_slug)
+        .bind(&event.external_entity_id)
+        .bind(&event.api_key_prefix)
+        .bind(&event.group_id)
+        .bind(&event.workspace_id)
+        .bind(event.status.as_str())
+        .bind(rows::token_count(event.input_tokens))
+        .bind(rows::token_count(event.output_tokens))
+        .bind(rows::token_count(event.cached_input_tokens))
+        .bind(event.is_estimated)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_usage_events(
+        &self,
+        filter: &UsageFilter,
+        page: PageRequest,
+    ) -> StoreResult<Page<UsageEvent>> {
+        let (limit, after, fetch) = page_bounds(page);
+        let mut query = QueryBuilder::new(format!(
+            "SELECT {USAGE_EVENT_COLUMNS} FROM usage_events u WHERE 1 = 1"
+        ));
+        if let Some(workspace_id) = &filter.workspace_id {
+            query
+                .push(" AND u.workspace_id = ")
+                .push_bind(workspace_id.clone());
+        }
+        if let Some(group_id) = &filter.group_id {
+            query.push(" AND u.group_id = ").push_bind(group_id.clone());
+        }
+        if let Some(request_id) = &filter.request_id {
+            query
+                .push(" AND u.request_id = ")
+                .push_bind(request_id.clone());
+        }
+        query.push(" AND u.seq > ").push_bind(after);
+        query.push(" ORDER BY u.seq LIMIT ").push_bind(fetch);
+        fetch_page(&mut query, &self.read, limit, rows::usage_event).await
+    }
+
+    async fn day_usage(
+        &self,
+        group_ids: &[String],
+        slug: &str,
+        day_start: Timestamp,
+    ) -> StoreResult<Option<DayUsage>> {
+        if group_ids.is_empty() {
+            return Ok(None);
+        }
+        let mut query = QueryBuilder::new(
+            "SELECT COUNT(*) AS requests, \
+             COALESCE(SUM(u.input_tokens + u.output_tokens), 0) AS tokens \
+             FROM usage_events u WHERE u.group_id IN (",
+        );
+        let mut ids = query.separated(", ");
+        for id in group_ids {
+            ids.push_bind(id.clone());
+        }
+        query
+            .push(") AND u.model_slug = ")
+            .push_bind(slug.to_owned());
+        query.push(" AND u.timestamp >= ").push_bind(day_start.0);
+        query
+            .push(" AND u.timestamp < ")
+            .push_bind(day_start.0.saturating_add(tollgate_core::clock::DAY_MS));
+        let row = query.build().fetch_one(&self.read).await?;
+        let requests: i64 = sqlx::Row::try_get(&row, "requests")?;
+        let tokens: i64 = sqlx::Row::try_get(&row, "tokens")?;
+        if requests == 0 {
+            return Ok(None);
+        }
+        Ok(Some(DayUsage {
+            requests: u64::try_from(requests).unwrap_or(0),
+            tokens: u64::try_from(tokens).unwrap_or(0),
+        }))
+    }
+
+    async fn descendant_ids(&self, id: &str) -> StoreResult<Vec<String>> {
+        let mut conn = self.read.acquire().await?;
+        Ok(tree::descendants(&mut conn, id)
+            .await?
+            .into_iter()
+            .map(|group| group.id)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls_name_a_file_or_memory() {
+        assert_eq!(
+            Location::parse("sqlite://tollgate.db"),
+            Location::File(PathBuf::from("tollgate.db"))
+        );
+        assert_eq!(
+            Location::parse("sqlite:data/t.db"),
+            Location::File(PathBuf::from("data/t.db"))
+        );
+        assert_eq!(
+            Location::parse("sqlite:///var/lib/tollgate.db"),
+            Location::File(PathBuf::from("/var/lib/tollgate.db"))
+        );
+        assert_eq!(
+            Location::parse("/tmp/x.db"),
+            Location::File(PathBuf::from("/tmp/x.db"))
+        );
+        assert_eq!(Location::parse("sqlite::memory:"), Location::Memory);
+    }
+}

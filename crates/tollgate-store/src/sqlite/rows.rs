@@ -1,0 +1,248 @@
+//! Row decoding: one function per table, each reading the columns its `*_COLUMNS` constant
+//! selects. A value the schema should have made impossible (unknown mode, bad JSON) is
+//! `StoreError::Corrupt`, never a panic.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use tollgate_core::endpoint::{Region, Target};
+use tollgate_core::{Group, LimitMode, ModelAccess, Timestamp};
+
+use crate::{
+    ApiKey, Endpoint, ManagementKey, Page, Scope, Secret, StoreError, StoreResult, UsageEvent,
+    UsageStatus, Workspace,
+};
+
+pub(super) const WORKSPACE_COLUMNS: &str =
+    "w.id, w.name, w.is_enabled, w.signing_key, w.created_at";
+
+pub(super) const MANAGEMENT_KEY_COLUMNS: &str =
+    "m.seq, m.workspace_id, m.prefix, m.hash, m.name, m.scope, m.created_at";
+
+pub(super) const SECRET_COLUMNS: &str =
+    "s.seq, s.id, s.workspace_id, s.name, s.ciphertext, s.created_at";
+
+pub(super) const ENDPOINT_COLUMNS: &str =
+    "e.seq, e.id, e.workspace_id, e.slug, e.region, e.targets, e.created_at, e.updated_at";
+
+pub(super) const GROUP_COLUMNS: &str = "g.seq, g.id, g.workspace_id, g.name, \
+     g.external_entity_id, g.models, g.mode, g.parent_id, g.depth, g.created_at";
+
+pub(super) const API_KEY_COLUMNS: &str =
+    "k.seq, k.group_id, k.prefix, k.hash, k.name, k.created_at";
+
+pub(super) const USAGE_EVENT_COLUMNS: &str = "u.seq, u.idempotency_key, u.timestamp, \
+     u.request_id, u.request_metadata, u.model_slug, u.external_entity_id, u.api_key_prefix, \
+     u.group_id, u.workspace_id, u.status, u.input_tokens, u.output_tokens, \
+     u.cached_input_tokens, u.is_estimated";
+
+/// A decoded row with its `seq`, the keyset of paging.
+pub(super) type Sequenced<T> = (i64, T);
+
+/// Turns `limit + 1` fetched rows into a page: the extra row only says there is more.
+pub(super) fn into_page<T>(mut rows: Vec<Sequenced<T>>, limit: usize) -> Page<T> {
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_after = if has_more {
+        rows.last().map(|(seq, _)| *seq)
+    } else {
+        None
+    };
+    Page {
+        items: rows.into_iter().map(|(_, item)| item).collect(),
+        next_after,
+    }
+}
+
+fn timestamp(row: &SqliteRow, column: &str) -> StoreResult<Timestamp> {
+    Ok(Timestamp(row.try_get::<i64, _>(column)?))
+}
+
+fn count(row: &SqliteRow, column: &str) -> StoreResult<u64> {
+    let value: i64 = row.try_get(column)?;
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} is {value}")))
+}
+
+pub(super) fn workspace(row: &SqliteRow) -> StoreResult<Workspace> {
+    Ok(Workspace {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        is_enabled: row.try_get("is_enabled")?,
+        signing_key: row.try_get("signing_key")?,
+        created_at: timestamp(row, "created_at")?,
+    })
+}
+
+pub(super) fn scope_from_str(text: &str) -> StoreResult<Scope> {
+    match text {
+        "manage" => Ok(Scope::Manage),
+        "view" => Ok(Scope::View),
+        other => Err(StoreError::Corrupt(format!("unknown scope '{other}'"))),
+    }
+}
+
+pub(super) fn management_key(row: &SqliteRow) -> StoreResult<Sequenced<ManagementKey>> {
+    let scope: String = row.try_get("scope")?;
+    Ok((
+        row.try_get("seq")?,
+        ManagementKey {
+            workspace_id: row.try_get("workspace_id")?,
+            prefix: row.try_get("prefix")?,
+            hash: row.try_get("hash")?,
+            name: row.try_get("name")?,
+            scope: scope_from_str(&scope)?,
+            created_at: timestamp(row, "created_at")?,
+        },
+    ))
+}
+
+pub(super) fn secret(row: &SqliteRow) -> StoreResult<Sequenced<Secret>> {
+    Ok((
+        row.try_get("seq")?,
+        Secret {
+            id: row.try_get("id")?,
+            workspace_id: row.try_get("workspace_id")?,
+            name: row.try_get("name")?,
+            ciphertext: row.try_get("ciphertext")?,
+            created_at: timestamp(row, "created_at")?,
+        },
+    ))
+}
+
+pub(super) fn region_str(region: Region) -> &'static str {
+    match region {
+        Region::Unrestricted => "UNRESTRICTED",
+        Region::Eu => "EU",
+    }
+}
+
+fn region_from_str(text: &str) -> StoreResult<Region> {
+    match text {
+        "UNRESTRICTED" => Ok(Region::Unrestricted),
+        "EU" => Ok(Region::Eu),
+        other => Err(StoreError::Corrupt(format!("unknown region '{other}'"))),
+    }
+}
+
+pub(super) fn targets_json(targets: &[Target]) -> StoreResult<String> {
+    serde_json::to_string(targets).map_err(|e| StoreError::Corrupt(format!("targets: {e}")))
+}
+
+pub(super) fn endpoint(row: &SqliteRow) -> StoreResult<Sequenced<Endpoint>> {
+    let region: String = row.try_get("region")?;
+    let targets: String = row.try_get("targets")?;
+    Ok((
+        row.try_get("seq")?,
+        Endpoint {
+            id: row.try_get("id")?,
+            workspace_id: row.try_get("workspace_id")?,
+            slug: row.try_get("slug")?,
+            region: region_from_str(&region)?,
+            targets: serde_json::from_str(&targets)
+                .map_err(|e| StoreError::Corrupt(format!("endpoint targets: {e}")))?,
+            created_at: timestamp(row, "created_at")?,
+            updated_at: timestamp(row, "updated_at")?,
+        },
+    ))
+}
+
+pub(super) fn models_json(models: &[ModelAccess]) -> StoreResult<String> {
+    serde_json::to_string(models).map_err(|e| StoreError::Corrupt(format!("models: {e}")))
+}
+
+pub(super) fn group(row: &SqliteRow) -> StoreResult<Sequenced<Group>> {
+    let models: String = row.try_get("models")?;
+    let mode: String = row.try_get("mode")?;
+    let depth: i64 = row.try_get("depth")?;
+    Ok((
+        row.try_get("seq")?,
+        Group {
+            id: row.try_get("id")?,
+            workspace_id: row.try_get("workspace_id")?,
+            name: row.try_get("name")?,
+            external_entity_id: row.try_get("external_entity_id")?,
+            models: serde_json::from_str(&models)
+                .map_err(|e| StoreError::Corrupt(format!("group models: {e}")))?,
+            mode: LimitMode::parse(&mode)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown limit mode '{mode}'")))?,
+            parent_id: row.try_get("parent_id")?,
+            depth: u32::try_from(depth)
+                .map_err(|_| StoreError::Corrupt(format!("group depth {depth}")))?,
+            created_at: timestamp(row, "created_at")?,
+        },
+    ))
+}
+
+pub(super) fn api_key(row: &SqliteRow) -> StoreResult<Sequenced<ApiKey>> {
+    Ok((
+        row.try_get("seq")?,
+        ApiKey {
+            group_id: row.try_get("group_id")?,
+            prefix: row.try_get("prefix")?,
+            hash: row.try_get("hash")?,
+            name: row.try_get("name")?,
+            created_at: timestamp(row, "created_at")?,
+        },
+    ))
+}
+
+fn usage_status_from_str(text: &str) -> StoreResult<UsageStatus> {
+    match text {
+        "completed" => Ok(UsageStatus::Completed),
+        "client_cancelled" => Ok(UsageStatus::ClientCancelled),
+        "upstream_error_mid_stream" => Ok(UsageStatus::UpstreamErrorMidStream),
+        other => Err(StoreError::Corrupt(format!(
+            "unknown usage status '{other}'"
+        ))),
+    }
+}
+
+pub(super) fn usage_event(row: &SqliteRow) -> StoreResult<Sequenced<UsageEvent>> {
+    let status: String = row.try_get("status")?;
+    Ok((
+        row.try_get("seq")?,
+        UsageEvent {
+            idempotency_key: row.try_get("idempotency_key")?,
+            timestamp: timestamp(row, "timestamp")?,
+            request_id: row.try_get("request_id")?,
+            request_metadata: row.try_get("request_metadata")?,
+            model_slug: row.try_get("model_slug")?,
+            external_entity_id: row.try_get("external_entity_id")?,
+            api_key_prefix: row.try_get("api_key_prefix")?,
+            group_id: row.try_get("group_id")?,
+            workspace_id: row.try_get("workspace_id")?,
+            status: usage_status_from_str(&status)?,
+            input_tokens: count(row, "input_tokens")?,
+            output_tokens: count(row, "output_tokens")?,
+            cached_input_tokens: count(row, "cached_input_tokens")?,
+            is_estimated: row.try_get("is_estimated")?,
+        },
+    ))
+}
+
+/// Token counts are `u64` in the model and `INTEGER` (i64) in SQLite; no real count
+/// comes near the boundary, so clamp rather than fail a billing write.
+pub(super) fn token_count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_keeps_limit_and_points_after_the_last_item() {
+        let page = into_page(vec![(3, 'a'), (7, 'b'), (9, 'c')], 2);
+        assert_eq!(page.items, vec!['a', 'b']);
+        assert_eq!(page.next_after, Some(7));
+
+        let last = into_page(vec![(3, 'a'), (7, 'b')], 2);
+        assert_eq!(last.items, vec!['a', 'b']);
+        assert_eq!(last.next_after, None);
+    }
+
+    #[test]
+    fn token_counts_clamp_instead_of_wrapping() {
+        assert_eq!(token_count(60), 60);
+        assert_eq!(token_count(u64::MAX), i64::MAX);
+    }
+}
