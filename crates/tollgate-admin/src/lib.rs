@@ -2,13 +2,32 @@
 //!
 //! One router file per resource, merged in [`router`]. Handlers are thin: they parse and
 //! validate input, call the [`Store`](tollgate_store::Store) and map outcomes to
-//! `{"error", "code"}` answers.
+//! `{"error", "code"}` answers. Every route sits behind [`auth::authenticate`]; unknown
+//! paths under `/v1/gateway` and unsupported methods answer in the same JSON shape.
 
 use std::sync::Arc;
 
+use axum::http::StatusCode;
+use axum::routing::any;
 use tollgate_core::secretbox::SecretBox;
 use tollgate_core::Clock;
 use tollgate_store::Store;
+
+mod api_keys;
+pub mod auth;
+mod endpoints;
+pub mod error;
+mod fields;
+mod groups;
+pub mod json;
+mod management_keys;
+pub mod network;
+pub mod pagination;
+mod secrets;
+mod signing_key;
+
+pub use api_keys::SIGNATURE_HEADER;
+pub use error::ApiError;
 
 /// What every management handler can reach.
 #[derive(Clone)]
@@ -21,7 +40,40 @@ pub struct AdminState {
     pub allow_private_networks: bool,
 }
 
-/// All management routes, ready to merge into the server's router.
+/// All management routes, ready to merge into the server's router. It sets no router
+/// fallback (so merging never clashes); unknown `/v1/gateway/*` paths are caught by a
+/// wildcard route instead.
 pub fn router(state: AdminState) -> axum::Router {
-    axum::Router::new().with_state(state)
+    axum::Router::new()
+        .merge(endpoints::router())
+        .merge(secrets::router())
+        .merge(groups::router())
+        .merge(api_keys::router())
+        .merge(management_keys::router())
+        .merge(signing_key::router())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .method_not_allowed_fallback(method_not_allowed)
+        .route("/v1/gateway", any(unknown_route))
+        .route("/v1/gateway/", any(unknown_route))
+        .route("/v1/gateway/{*rest}", any(unknown_route))
+        .with_state(state)
+}
+
+async fn unknown_route() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "No such management route",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "This route does not support this HTTP method",
+    )
 }

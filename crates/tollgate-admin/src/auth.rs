@@ -1,0 +1,114 @@
+//! Management-key authentication, run before every management route.
+//!
+//! `Authorization: Api-Key <key>` or `Bearer <key>`; the key is found by its 16-character
+//! prefix and compared to the stored SHA-256 in constant time. Missing or unknown → 401;
+//! a disabled workspace → 403; a `view` key on anything but GET/HEAD → 403. The caller's
+//! workspace and scope travel to handlers as a [`Caller`] request extension.
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use tollgate_core::keys::{key_matches, lookup_prefix, parse_authorization};
+use tollgate_store::Scope;
+
+use crate::error::ApiError;
+use crate::AdminState;
+
+/// The authenticated operator of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub workspace_id: String,
+    pub scope: Scope,
+    /// Prefix of the management key used.
+    pub key_prefix: String,
+}
+
+impl Caller {
+    /// 403 unless `workspace_id` is the caller's own workspace.
+    pub fn owns(&self, workspace_id: &str, what: &str) -> Result<(), ApiError> {
+        if self.workspace_id == workspace_id {
+            Ok(())
+        } else {
+            Err(ApiError::other_workspace(what))
+        }
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+}
+
+/// The middleware: authenticates, checks the scope, and stores the [`Caller`].
+pub async fn authenticate(
+    State(state): State<AdminState>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let caller = caller_of(&state, request.headers(), request.method()).await?;
+    request.extensions_mut().insert(caller);
+    Ok(next.run(request).await)
+}
+
+async fn caller_of(
+    state: &AdminState,
+    headers: &axum::http::HeaderMap,
+    method: &Method,
+) -> Result<Caller, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(unauthorized(
+            "Missing Authorization header; send `Authorization: Api-Key <management key>`",
+        ));
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(parse_authorization)
+        .ok_or_else(|| {
+            unauthorized(
+                "Malformed Authorization header; send `Api-Key <management key>` or `Bearer <management key>`",
+            )
+        })?;
+    let invalid = || unauthorized("Invalid management key");
+    let prefix = lookup_prefix(key).ok_or_else(invalid)?;
+    let (stored, workspace) = state
+        .store
+        .management_key_by_prefix(prefix)
+        .await?
+        .ok_or_else(invalid)?;
+    if !key_matches(key, &stored.hash) {
+        return Err(invalid());
+    }
+    if !workspace.is_enabled {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "workspace_disabled",
+            "This workspace is not enabled for the gateway",
+        ));
+    }
+    if stored.scope == Scope::View && method != Method::GET && method != Method::HEAD {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            "This management key has the view scope, which allows GET requests only",
+        ));
+    }
+    Ok(Caller {
+        workspace_id: workspace.id,
+        scope: stored.scope,
+        key_prefix: stored.prefix,
+    })
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("management route reached without authentication"))
+    }
+}

@@ -1,0 +1,150 @@
+//! The one error type management handlers return, and its wire shape.
+//!
+//! A caller's mistake becomes `{"error": "<message>", "code": "<stable_snake_case>"}` with
+//! a 4xx status; the codes are listed in `docs/management-api.md` and never change
+//! meaning. An internal failure is logged once, here, and answered as an opaque 500
+//! `internal_error` so no store detail reaches the caller.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tollgate_core::hierarchy::HierarchyError;
+use tollgate_store::{GroupWriteError, StoreError};
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// Logged (never sent) for internal errors.
+    internal: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            internal: None,
+        }
+    }
+
+    /// 400 `invalid_payload`: a field of the body has a wrong value; `field` is its JSON
+    /// path (`models[0].slug`).
+    pub fn invalid_field(field: &str, reason: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_payload",
+            format!("{field}: {reason}"),
+        )
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+
+    /// 403 for an object that exists but belongs to another workspace.
+    pub fn other_workspace(what: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{what} belongs to another workspace"),
+        )
+    }
+
+    /// An unexpected failure: logged at the boundary, answered as an opaque 500.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal_error",
+            message: "Internal server error".to_owned(),
+            internal: Some(detail.to_string()),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Some(detail) = &self.internal {
+            tracing::error!(error = %detail, "management API internal error");
+        }
+        let body = serde_json::json!({ "error": self.message, "code": self.code });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<HierarchyError> for ApiError {
+    fn from(e: HierarchyError) -> Self {
+        let code = match e {
+            HierarchyError::ExceedsParent => "exceeds_parent_limit",
+            HierarchyError::ModeMismatch { .. } => "mode_mismatch",
+            HierarchyError::TooDeep => "max_depth_exceeded",
+        };
+        ApiError::bad_request(code, e.to_string())
+    }
+}
+
+impl From<GroupWriteError> for ApiError {
+    fn from(e: GroupWriteError) -> Self {
+        match e {
+            GroupWriteError::Hierarchy(h) => h.into(),
+            GroupWriteError::ParentNotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "hierarchy.parent_group_id: parent group not found",
+            ),
+            GroupWriteError::DuplicateExternalId => ApiError::bad_request(
+                "duplicate_external_entity_id",
+                "metadata.external_entity_id: a live group of this workspace already has this id",
+            ),
+            GroupWriteError::NotFound => ApiError::not_found("Group"),
+            GroupWriteError::Store(s) => s.into(),
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exceeds_parent_keeps_the_reference_message() {
+        let e = ApiError::from(GroupWriteError::Hierarchy(HierarchyError::ExceedsParent));
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.code(), "exceeds_parent_limit");
+        assert_eq!(e.message(), "Child group exceeds parent group limit.");
+    }
+
+    #[test]
+    fn internal_errors_are_opaque() {
+        let e = ApiError::internal("disk I/O error at /var/lib/tollgate.db");
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(e.code(), "internal_error");
+        assert_eq!(e.message(), "Internal server error");
+    }
+}
