@@ -94,8 +94,11 @@ pub trait Store: Send + Sync + 'static {
     // --- secrets ----------------------------------------------------------------------
     async fn insert_secret(&self, secret: NewSecret) -> StoreResult<Secret>;
     async fn secret(&self, id: &str) -> StoreResult<Option<Secret>>;
-    async fn list_secrets(&self, workspace_id: &str, page: PageRequest)
-        -> StoreResult<Page<Secret>>;
+    async fn list_secrets(
+        &self,
+        workspace_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<Secret>>;
     async fn delete_secret(&self, id: &str, now: Timestamp) -> StoreResult<Option<Secret>>;
 
     // --- endpoints --------------------------------------------------------------------

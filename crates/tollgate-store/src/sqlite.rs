@@ -191,7 +191,7 @@ async fn fetch_page<T>(
 
 async fn workspace_by_id(conn: &mut SqliteConnection, id: &str) -> StoreResult<Option<Workspace>> {
     let row = sqlx::query(&format!(
-        "SELECT {WORKSPACE_COLUMNS} FROM workspaces w WHERE w.id = ?1"
+        "SELECT {WORKSPACE_COLUMNS} FROM workspaces WHERE id = ?1"
     ))
     .bind(id)
     .fetch_optional(&mut *conn)
@@ -225,7 +225,7 @@ impl Store for SqliteStore {
 
     async fn workspace_by_name(&self, name: &str) -> StoreResult<Option<Workspace>> {
         let row = sqlx::query(&format!(
-            "SELECT {WORKSPACE_COLUMNS} FROM workspaces w WHERE w.name = ?1"
+            "SELECT {WORKSPACE_COLUMNS} FROM workspaces WHERE name = ?1"
         ))
         .bind(name)
         .fetch_optional(&self.read)
@@ -322,8 +322,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<(ManagementKey, Workspace)>> {
         let mut conn = self.read.acquire().await?;
         let row = sqlx::query(&format!(
-            "SELECT {MANAGEMENT_KEY_COLUMNS} FROM management_keys m \
-             WHERE m.prefix = ?1 AND m.revoked_at IS NULL"
+            "SELECT {MANAGEMENT_KEY_COLUMNS} FROM management_keys \
+             WHERE prefix = ?1 AND revoked_at IS NULL"
         ))
         .bind(prefix)
         .fetch_optional(&mut *conn)
@@ -343,13 +343,13 @@ impl Store for SqliteStore {
     ) -> StoreResult<Page<ManagementKey>> {
         let (limit, after, fetch) = page_bounds(page);
         let mut query = QueryBuilder::new(format!(
-            "SELECT {MANAGEMENT_KEY_COLUMNS} FROM management_keys m WHERE m.revoked_at IS NULL"
+            "SELECT {MANAGEMENT_KEY_COLUMNS} FROM management_keys WHERE revoked_at IS NULL"
         ));
         query
-            .push(" AND m.workspace_id = ")
+            .push(" AND workspace_id = ")
             .push_bind(workspace_id.to_owned());
-        query.push(" AND m.seq > ").push_bind(after);
-        query.push(" ORDER BY m.seq LIMIT ").push_bind(fetch);
+        query.push(" AND seq > ").push_bind(after);
+        query.push(" ORDER BY seq LIMIT ").push_bind(fetch);
         fetch_page(&mut query, &self.read, limit, rows::management_key).await
     }
 
@@ -360,8 +360,8 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> StoreResult<Option<ManagementKey>> {
         let row = sqlx::query(&format!(
-            "UPDATE management_keys AS m SET revoked_at = ?1 \
-             WHERE m.workspace_id = ?2 AND m.prefix = ?3 AND m.revoked_at IS NULL \
+            "UPDATE management_keys SET revoked_at = ?1 \
+             WHERE workspace_id = ?2 AND prefix = ?3 AND revoked_at IS NULL \
              RETURNING {MANAGEMENT_KEY_COLUMNS}"
         ))
         .bind(now.0)
@@ -402,7 +402,7 @@ impl Store for SqliteStore {
 
     async fn secret(&self, id: &str) -> StoreResult<Option<Secret>> {
         let row = sqlx::query(&format!(
-            "SELECT {SECRET_COLUMNS} FROM secrets s WHERE s.id = ?1 AND s.deleted_at IS NULL"
+            "SELECT {SECRET_COLUMNS} FROM secrets WHERE id = ?1 AND deleted_at IS NULL"
         ))
         .bind(id)
         .fetch_optional(&self.read)
@@ -417,19 +417,19 @@ impl Store for SqliteStore {
     ) -> StoreResult<Page<Secret>> {
         let (limit, after, fetch) = page_bounds(page);
         let mut query = QueryBuilder::new(format!(
-            "SELECT {SECRET_COLUMNS} FROM secrets s WHERE s.deleted_at IS NULL"
+            "SELECT {SECRET_COLUMNS} FROM secrets WHERE deleted_at IS NULL"
         ));
         query
-            .push(" AND s.workspace_id = ")
+            .push(" AND workspace_id = ")
             .push_bind(workspace_id.to_owned());
-        query.push(" AND s.seq > ").push_bind(after);
-        query.push(" ORDER BY s.seq LIMIT ").push_bind(fetch);
+        query.push(" AND seq > ").push_bind(after);
+        query.push(" ORDER BY seq LIMIT ").push_bind(fetch);
         fetch_page(&mut query, &self.read, limit, rows::secret).await
     }
 
     async fn delete_secret(&self, id: &str, now: Timestamp) -> StoreResult<Option<Secret>> {
         let row = sqlx::query(&format!(
-            "UPDATE secrets AS s SET deleted_at = ?1 WHERE s.id = ?2 AND s.deleted_at IS NULL \
+            "UPDATE secrets SET deleted_at = ?1 WHERE id = ?2 AND deleted_at IS NULL \
              RETURNING {SECRET_COLUMNS}"
         ))
         .bind(now.0)
@@ -469,7 +469,7 @@ impl Store for SqliteStore {
 
     async fn endpoint(&self, id: &str) -> StoreResult<Option<Endpoint>> {
         let row = sqlx::query(&format!(
-            "SELECT {ENDPOINT_COLUMNS} FROM endpoints e WHERE e.id = ?1 AND e.deleted_at IS NULL"
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE id = ?1 AND deleted_at IS NULL"
         ))
         .bind(id)
         .fetch_optional(&self.read)
@@ -483,8 +483,8 @@ impl Store for SqliteStore {
 
     async fn endpoint_by_slug(&self, slug: &str) -> StoreResult<Option<Endpoint>> {
         let row = sqlx::query(&format!(
-            "SELECT {ENDPOINT_COLUMNS} FROM endpoints e \
-             WHERE e.slug = ?1 AND e.deleted_at IS NULL"
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints \
+             WHERE slug = ?1 AND deleted_at IS NULL"
         ))
         .bind(slug)
         .fetch_optional(&self.read)
@@ -503,13 +503,13 @@ impl Store for SqliteStore {
     ) -> StoreResult<Page<Endpoint>> {
         let (limit, after, fetch) = page_bounds(page);
         let mut query = QueryBuilder::new(format!(
-            "SELECT {ENDPOINT_COLUMNS} FROM endpoints e WHERE e.deleted_at IS NULL"
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE deleted_at IS NULL"
         ));
         query
-            .push(" AND e.workspace_id = ")
+            .push(" AND workspace_id = ")
             .push_bind(workspace_id.to_owned());
-        query.push(" AND e.seq > ").push_bind(after);
-        query.push(" ORDER BY e.seq LIMIT ").push_bind(fetch);
+        query.push(" AND seq > ").push_bind(after);
+        query.push(" ORDER BY seq LIMIT ").push_bind(fetch);
         fetch_page(&mut query, &self.read, limit, rows::endpoint).await
     }
 
@@ -520,8 +520,8 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> StoreResult<Option<Endpoint>> {
         let row = sqlx::query(&format!(
-            "UPDATE endpoints AS e SET targets = ?1, updated_at = ?2 \
-             WHERE e.id = ?3 AND e.deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
+            "UPDATE endpoints SET targets = ?1, updated_at = ?2 \
+             WHERE id = ?3 AND deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
         ))
         .bind(rows::targets_json(targets)?)
         .bind(now.0)
@@ -537,8 +537,8 @@ impl Store for SqliteStore {
 
     async fn delete_endpoint(&self, id: &str, now: Timestamp) -> StoreResult<Option<Endpoint>> {
         let row = sqlx::query(&format!(
-            "UPDATE endpoints AS e SET deleted_at = ?1 \
-             WHERE e.id = ?2 AND e.deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
+            "UPDATE endpoints SET deleted_at = ?1 \
+             WHERE id = ?2 AND deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
         ))
         .bind(now.0)
         .bind(id)
@@ -647,8 +647,8 @@ impl Store for SqliteStore {
 
     async fn api_key(&self, group_id: &str, prefix: &str) -> StoreResult<Option<ApiKey>> {
         let row = sqlx::query(&format!(
-            "SELECT {API_KEY_COLUMNS} FROM api_keys k \
-             WHERE k.group_id = ?1 AND k.prefix = ?2 AND k.revoked_at IS NULL"
+            "SELECT {API_KEY_COLUMNS} FROM api_keys \
+             WHERE group_id = ?1 AND prefix = ?2 AND revoked_at IS NULL"
         ))
         .bind(group_id)
         .bind(prefix)
@@ -660,13 +660,13 @@ impl Store for SqliteStore {
     async fn list_api_keys(&self, group_id: &str, page: PageRequest) -> StoreResult<Page<ApiKey>> {
         let (limit, after, fetch) = page_bounds(page);
         let mut query = QueryBuilder::new(format!(
-            "SELECT {API_KEY_COLUMNS} FROM api_keys k WHERE k.revoked_at IS NULL"
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL"
         ));
         query
-            .push(" AND k.group_id = ")
+            .push(" AND group_id = ")
             .push_bind(group_id.to_owned());
-        query.push(" AND k.seq > ").push_bind(after);
-        query.push(" ORDER BY k.seq LIMIT ").push_bind(fetch);
+        query.push(" AND seq > ").push_bind(after);
+        query.push(" ORDER BY seq LIMIT ").push_bind(fetch);
         fetch_page(&mut query, &self.read, limit, rows::api_key).await
     }
 
@@ -677,8 +677,8 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> StoreResult<Option<ApiKey>> {
         let row = sqlx::query(&format!(
-            "UPDATE api_keys AS k SET revoked_at = ?1 \
-             WHERE k.group_id = ?2 AND k.prefix = ?3 AND k.revoked_at IS NULL \
+            "UPDATE api_keys SET revoked_at = ?1 \
+             WHERE group_id = ?2 AND prefix = ?3 AND revoked_at IS NULL \
              RETURNING {API_KEY_COLUMNS}"
         ))
         .bind(now.0)
@@ -702,8 +702,8 @@ impl Store for SqliteStore {
     async fn resolve_api_key(&self, prefix: &str) -> StoreResult<Option<KeyGrant>> {
         let mut tx = self.read.begin().await?;
         let row = sqlx::query(&format!(
-            "SELECT {API_KEY_COLUMNS} FROM api_keys k \
-             WHERE k.prefix = ?1 AND k.revoked_at IS NULL"
+            "SELECT {API_KEY_COLUMNS} FROM api_keys \
+             WHERE prefix = ?1 AND revoked_at IS NULL"
         ))
         .bind(prefix)
         .fetch_optional(&mut *tx)
@@ -765,23 +765,23 @@ impl Store for SqliteStore {
     ) -> StoreResult<Page<UsageEvent>> {
         let (limit, after, fetch) = page_bounds(page);
         let mut query = QueryBuilder::new(format!(
-            "SELECT {USAGE_EVENT_COLUMNS} FROM usage_events u WHERE 1 = 1"
+            "SELECT {USAGE_EVENT_COLUMNS} FROM usage_events WHERE 1 = 1"
         ));
         if let Some(workspace_id) = &filter.workspace_id {
             query
-                .push(" AND u.workspace_id = ")
+                .push(" AND workspace_id = ")
                 .push_bind(workspace_id.clone());
         }
         if let Some(group_id) = &filter.group_id {
-            query.push(" AND u.group_id = ").push_bind(group_id.clone());
+            query.push(" AND group_id = ").push_bind(group_id.clone());
         }
         if let Some(request_id) = &filter.request_id {
             query
-                .push(" AND u.request_id = ")
+                .push(" AND request_id = ")
                 .push_bind(request_id.clone());
         }
-        query.push(" AND u.seq > ").push_bind(after);
-        query.push(" ORDER BY u.seq LIMIT ").push_bind(fetch);
+        query.push(" AND seq > ").push_bind(after);
+        query.push(" ORDER BY seq LIMIT ").push_bind(fetch);
         fetch_page(&mut query, &self.read, limit, rows::usage_event).await
     }
 
@@ -796,19 +796,17 @@ impl Store for SqliteStore {
         }
         let mut query = QueryBuilder::new(
             "SELECT COUNT(*) AS requests, \
-             COALESCE(SUM(u.input_tokens + u.output_tokens), 0) AS tokens \
-             FROM usage_events u WHERE u.group_id IN (",
+             COALESCE(SUM(input_tokens + output_tokens), 0) AS tokens \
+             FROM usage_events WHERE group_id IN (",
         );
         let mut ids = query.separated(", ");
         for id in group_ids {
             ids.push_bind(id.clone());
         }
+        query.push(") AND model_slug = ").push_bind(slug.to_owned());
+        query.push(" AND timestamp >= ").push_bind(day_start.0);
         query
-            .push(") AND u.model_slug = ")
-            .push_bind(slug.to_owned());
-        query.push(" AND u.timestamp >= ").push_bind(day_start.0);
-        query
-            .push(" AND u.timestamp < ")
+            .push(" AND timestamp < ")
             .push_bind(day_start.0.saturating_add(tollgate_core::clock::DAY_MS));
         let row = query.build().fetch_one(&self.read).await?;
         let requests: i64 = sqlx::Row::try_get(&row, "requests")?;

@@ -12,28 +12,25 @@ use crate::{
     UsageStatus, Workspace,
 };
 
-pub(super) const WORKSPACE_COLUMNS: &str =
-    "w.id, w.name, w.is_enabled, w.signing_key, w.created_at";
+pub(super) const WORKSPACE_COLUMNS: &str = "id, name, is_enabled, signing_key, created_at";
 
 pub(super) const MANAGEMENT_KEY_COLUMNS: &str =
-    "m.seq, m.workspace_id, m.prefix, m.hash, m.name, m.scope, m.created_at";
+    "seq, workspace_id, prefix, hash, name, scope, created_at";
 
-pub(super) const SECRET_COLUMNS: &str =
-    "s.seq, s.id, s.workspace_id, s.name, s.ciphertext, s.created_at";
+pub(super) const SECRET_COLUMNS: &str = "seq, id, workspace_id, name, ciphertext, created_at";
 
 pub(super) const ENDPOINT_COLUMNS: &str =
-    "e.seq, e.id, e.workspace_id, e.slug, e.region, e.targets, e.created_at, e.updated_at";
+    "seq, id, workspace_id, slug, region, targets, created_at, updated_at";
 
 pub(super) const GROUP_COLUMNS: &str = "g.seq, g.id, g.workspace_id, g.name, \
      g.external_entity_id, g.models, g.mode, g.parent_id, g.depth, g.created_at";
 
-pub(super) const API_KEY_COLUMNS: &str =
-    "k.seq, k.group_id, k.prefix, k.hash, k.name, k.created_at";
+pub(super) const API_KEY_COLUMNS: &str = "seq, group_id, prefix, hash, name, created_at";
 
-pub(super) const USAGE_EVENT_COLUMNS: &str = "u.seq, u.idempotency_key, u.timestamp, \
-     u.request_id, u.request_metadata, u.model_slug, u.external_entity_id, u.api_key_prefix, \
-     u.group_id, u.workspace_id, u.status, u.input_tokens, u.output_tokens, \
-     u.cached_input_tokens, u.is_estimated";
+pub(super) const USAGE_EVENT_COLUMNS: &str = "seq, idempotency_key, timestamp, \
+     request_id, request_metadata, model_slug, external_entity_id, api_key_prefix, \
+     group_id, workspace_id, status, input_tokens, output_tokens, \
+     cached_input_tokens, is_estimated";
 
 /// A decoded row with its `seq`, the keyset of paging.
 pub(super) type Sequenced<T> = (i64, T);

@@ -1,0 +1,143 @@
+//! The conformance suite run against SQLite: every case in `conformance/cases.rs` on a
+//! fresh database file, plus what only a file-backed store has (reopening, URL forms,
+//! the journal mode).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+
+#[path = "conformance/cases.rs"]
+#[macro_use]
+mod cases;
+
+use std::sync::Arc;
+
+use tempfile::TempDir;
+use tollgate_core::{LimitMode, ModelAccess};
+use tollgate_store::{NewApiKey, NewGroup, SqliteStore, Store, UsageFilter};
+
+async fn fresh_sqlite() -> (TempDir, Arc<dyn Store>) {
+    let dir = TempDir::new().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+    let store = SqliteStore::open(&url).await.unwrap();
+    (dir, Arc::new(store))
+}
+
+conformance_cases!(fresh_sqlite);
+
+#[tokio::test]
+async fn data_survives_reopening_the_file() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("tollgate.db");
+    let url = format!("sqlite://{}", path.display());
+
+    let store = SqliteStore::open(&url).await.unwrap();
+    let ws = store.create_workspace("acme", cases::T0).await.unwrap();
+    store
+        .create_group(NewGroup {
+            id: "grp_1".into(),
+            workspace_id: ws.id.clone(),
+            name: Some("Acme".into()),
+            external_entity_id: "cust-1".into(),
+            models: vec![ModelAccess {
+                slug: "acme/m".into(),
+                rate_limits: vec![],
+                usage_limits: vec![],
+            }],
+            mode: LimitMode::Cascading,
+            parent_id: None,
+            created_at: cases::T0,
+        })
+        .await
+        .unwrap();
+    store
+        .insert_api_key(NewApiKey {
+            group_id: "grp_1".into(),
+            prefix: "tg_0000000000001".into(),
+            hash: vec![9; 32],
+            name: None,
+            created_at: cases::T0,
+        })
+        .await
+        .unwrap();
+    let before = store
+        .resolve_api_key("tg_0000000000001")
+        .await
+        .unwrap()
+        .unwrap();
+    store.close().await;
+
+    // The same file through the other accepted spellings.
+    for spelling in [
+        format!("sqlite:{}", path.display()),
+        path.display().to_string(),
+    ] {
+        let store = SqliteStore::open(&spelling).await.unwrap();
+        let after = store
+            .resolve_api_key("tg_0000000000001")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.key, before.key);
+        assert_eq!(after.chain, before.chain);
+        assert_eq!(after.workspace, before.workspace);
+        assert_eq!(after.chain[0].name, Some("Acme".into()));
+        let events = store
+            .list_usage_events(&UsageFilter::default(), cases_all())
+            .await;
+        assert!(events.unwrap().items.is_empty());
+        store.close().await;
+    }
+}
+
+fn cases_all() -> tollgate_store::PageRequest {
+    tollgate_store::PageRequest {
+        limit: 100,
+        after: None,
+    }
+}
+
+#[tokio::test]
+async fn open_creates_missing_directories_and_uses_wal() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("data").join("nested").join("tollgate.db");
+    let store = SqliteStore::open(&format!("sqlite:{}", path.display()))
+        .await
+        .unwrap();
+    store.create_workspace("acme", cases::T0).await.unwrap();
+    assert!(path.exists());
+
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        path.display()
+    ))
+    .await
+    .unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn an_in_memory_store_works_on_one_connection() {
+    let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+    let ws = store.create_workspace("acme", cases::T0).await.unwrap();
+    assert_eq!(store.workspace(&ws.id).await.unwrap(), Some(ws));
+}
+
+#[tokio::test]
+async fn an_unusable_path_is_an_error_not_a_panic() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let inside_a_file = file.join("tollgate.db");
+    let result = SqliteStore::open(&inside_a_file.display().to_string()).await;
+    assert!(result.is_err());
+    assert!(SqliteStore::open("sqlite:").await.is_err());
+}
