@@ -1,6 +1,18 @@
 //! The OpenAI-compatible data plane: auth → entitlement → limits → upstream → metering.
+//!
+//! `routes` holds the thin handlers; each stage is its own module. The binary wraps
+//! [`router`] in the middleware that sets [`tollgate_core::ids::RequestId`].
 
+pub mod auth;
+pub mod entitlement;
+pub mod error;
+pub mod metering;
+pub mod models;
+pub mod relay;
+pub mod request;
+mod routes;
 pub mod tap;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +20,8 @@ use std::time::Duration;
 use tollgate_core::secretbox::SecretBox;
 use tollgate_core::Clock;
 use tollgate_store::Store;
+
+pub use upstream::http_client;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -33,11 +47,12 @@ pub struct ProxyState {
     pub clock: Arc<dyn Clock>,
     pub sealer: Arc<SecretBox>,
     pub config: ProxyConfig,
+    /// Build it with [`http_client`]: no total timeout, no redirects, Nagle off.
     pub http: reqwest::Client,
 }
 
 /// All data-plane routes (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
 /// `/v1/models`).
 pub fn router(state: ProxyState) -> axum::Router {
-    axum::Router::new().with_state(state)
+    routes::router(state)
 }

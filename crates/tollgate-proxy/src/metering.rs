@@ -1,0 +1,541 @@
+//! Metering: one usage event per served request, committed before the client gets the
+//! final bytes.
+//!
+//! Streams pass through [`MeteredBody`], which forwards upstream chunks as they arrive
+//! (through the usage tap), holds back only the `[DONE]` event and the end of the body,
+//! commits the event, then releases them. If the client goes away first, the body is
+//! dropped: dropping it closes the upstream request, and the drop hook records the event
+//! as `client_cancelled` from what the tap saw. [`record`] is the one place an event is
+//! stored — the settle point of a request.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
+use http_body::{Body, Frame, SizeHint};
+use tokio::task::JoinHandle;
+use tollgate_core::ids::{new_id, IdKind};
+use tollgate_core::Clock;
+use tollgate_store::{Store, UsageEvent, UsageStatus};
+
+use crate::error::error_body;
+use crate::tap::{BodySummary, StreamEnd, StreamSummary, StreamTap, Usage};
+
+/// Everything a usage event says besides its tokens and status.
+#[derive(Debug, Clone)]
+pub struct EventContext {
+    pub request_id: String,
+    pub request_metadata: Option<String>,
+    pub model_slug: String,
+    pub external_entity_id: String,
+    pub api_key_prefix: String,
+    pub group_id: String,
+    pub workspace_id: String,
+    /// Prompt tokens to bill when the upstream reports none: request bytes / 4, at least 1.
+    pub prompt_estimate: u64,
+}
+
+/// Request bytes / 4, and never 0: a served request is never free.
+pub fn prompt_estimate(body_len: usize) -> u64 {
+    (u64::try_from(body_len).unwrap_or(u64::MAX) / 4).max(1)
+}
+
+impl EventContext {
+    /// The event, with fresh gateway-made ids (never the upstream's `id`).
+    pub fn event(&self, status: UsageStatus, tokens: Metered, clock: &dyn Clock) -> UsageEvent {
+        UsageEvent {
+            idempotency_key: new_id(IdKind::Event),
+            timestamp: clock.now(),
+            request_id: self.request_id.clone(),
+            request_metadata: self.request_metadata.clone(),
+            model_slug: self.model_slug.clone(),
+            external_entity_id: self.external_entity_id.clone(),
+            api_key_prefix: self.api_key_prefix.clone(),
+            group_id: self.group_id.clone(),
+            workspace_id: self.workspace_id.clone(),
+            status,
+            input_tokens: tokens.usage.prompt_tokens,
+            output_tokens: tokens.usage.completion_tokens,
+            cached_input_tokens: tokens.usage.cached_tokens,
+            is_estimated: tokens.is_estimated,
+        }
+    }
+}
+
+/// Tokens to bill, and whether they are an estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metered {
+    pub usage: Usage,
+    pub is_estimated: bool,
+}
+
+impl Metered {
+    fn reported_or(reported: Option<Usage>, estimate: Usage) -> Self {
+        match reported {
+            Some(usage) if usage.total() > 0 => Metered {
+                usage,
+                is_estimated: false,
+            },
+            _ => Metered {
+                usage: estimate,
+                is_estimated: true,
+            },
+        }
+    }
+
+    /// A stream's tokens: the last usage reported, else the prompt estimate plus one
+    /// completion token per content chunk delivered.
+    pub fn of_stream(summary: &StreamSummary, prompt_estimate: u64) -> Self {
+        let estimate = Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: summary.content_chunks,
+            cached_tokens: 0,
+        };
+        Self::reported_or(summary.usage, estimate)
+    }
+
+    /// A complete body's tokens: the usage reported, else the prompt estimate plus the
+    /// generated text's bytes / 4.
+    pub fn of_body(summary: &BodySummary, body: &[u8], prompt_estimate: u64) -> Self {
+        let estimate = Usage {
+            prompt_tokens: prompt_estimate,
+            completion_tokens: generated_bytes(body).div_ceil(4),
+            cached_tokens: 0,
+        };
+        Self::reported_or(summary.usage, estimate)
+    }
+}
+
+/// Bytes of generated text in a completion body (`message.content` or `text` of each
+/// choice); 0 for anything else, such as embeddings.
+fn generated_bytes(body: &[u8]) -> u64 {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return 0;
+    };
+    let Some(choices) = value.get("choices").and_then(|c| c.as_array()) else {
+        return 0;
+    };
+    choices
+        .iter()
+        .filter_map(|choice| {
+            choice
+                .pointer("/message/content")
+                .or_else(|| choice.get("text"))
+                .and_then(|text| text.as_str())
+        })
+        .map(|text| u64::try_from(text.len()).unwrap_or(u64::MAX))
+        .fold(0, u64::saturating_add)
+}
+
+/// The status of a stream that reached its end upstream.
+pub fn status_of_end(end: StreamEnd) -> UsageStatus {
+    match end {
+        StreamEnd::Done | StreamEnd::FinishedWithoutDone => UsageStatus::Completed,
+        StreamEnd::ErrorEvent | StreamEnd::Truncated => UsageStatus::UpstreamErrorMidStream,
+    }
+}
+
+/// Stores a request's usage event: where a served request is settled.
+pub async fn record(
+    store: &dyn Store,
+    event: &UsageEvent,
+) -> Result<(), tollgate_store::StoreError> {
+    let result = store.insert_usage_event(event).await;
+    if let Err(e) = &result {
+        tracing::error!(
+            request_id = %event.request_id,
+            error = %e,
+            "storing a usage event failed"
+        );
+    }
+    result
+}
+
+/// What a metered stream needs to settle: where to store, what time it is, what to say.
+#[derive(Clone)]
+pub struct Meter {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub context: EventContext,
+}
+
+impl Meter {
+    fn spawn_record(self, status: UsageStatus, tokens: Metered) -> Option<JoinHandle<bool>> {
+        let event = self.context.event(status, tokens, self.clock.as_ref());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(
+                request_id = %event.request_id,
+                "no runtime to store a usage event on; the event is lost"
+            );
+            return None;
+        };
+        Some(runtime.spawn(async move { record(self.store.as_ref(), &event).await.is_ok() }))
+    }
+}
+
+/// Where a metered stream is.
+enum Phase {
+    /// Forwarding upstream chunks.
+    Streaming,
+    /// The upstream ended; the event is being stored (on its own task, so a client that
+    /// leaves now cannot cancel the write).
+    Committing(JoinHandle<bool>),
+    /// Event stored: release what was held back.
+    Releasing,
+    Finished,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the usage event of this response could not be stored")]
+pub struct MeteringError;
+
+/// The streamed response body. See the module comment.
+pub struct MeteredBody {
+    upstream: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+    tap: StreamTap,
+    /// `None` once the event is settled (stored, spawned, or not billable).
+    meter: Option<Meter>,
+    phase: Phase,
+    /// Bytes after the start of `[DONE]`, released after the commit.
+    held: BytesMut,
+    is_done_seen: bool,
+    /// The last bytes given to the client or held, to end a cut-off event cleanly.
+    tail: Vec<u8>,
+}
+
+/// The event appended when the upstream stream breaks off: the client must not take a
+/// cut stream for a complete one.
+pub fn truncation_event() -> String {
+    let body = error_body(
+        "The model server ended the stream unexpectedly.",
+        "upstream_error",
+        None,
+        Some("upstream_stream_truncated"),
+    );
+    format!("data: {body}\n\n")
+}
+
+/// What must precede a new event so that it starts on its own after `tail`.
+fn event_separator(tail: &[u8]) -> &'static str {
+    let ends_blank = tail.is_empty()
+        || tail.ends_with(b"\n\n")
+        || tail.ends_with(b"\r\r")
+        || tail.ends_with(b"\r\n\r\n");
+    if ends_blank {
+        ""
+    } else if tail.ends_with(b"\n") || tail.ends_with(b"\r") {
+        "\n"
+    } else {
+        "\n\n"
+    }
+}
+
+/// Splits `out` before the line holding `[DONE]`; the whole of `out` is held when the
+/// marker itself came in an earlier read.
+fn split_before_done(mut out: Bytes) -> (Bytes, Bytes) {
+    let Some(at) = out.windows(6).rposition(|w| w == b"[DONE]") else {
+        return (Bytes::new(), out);
+    };
+    let line_start = out[..at]
+        .iter()
+        .rposition(|&b| b == b'\n' || b == b'\r')
+        .map_or(0, |i| i + 1);
+    let later = out.split_off(line_start);
+    (out, later)
+}
+
+impl MeteredBody {
+    pub fn new(
+        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        strip_usage_chunk: bool,
+        meter: Meter,
+    ) -> Self {
+        Self {
+            upstream: Some(upstream),
+            tap: StreamTap::new(strip_usage_chunk),
+            meter: Some(meter),
+            phase: Phase::Streaming,
+            held: BytesMut::new(),
+            is_done_seen: false,
+            tail: Vec::new(),
+        }
+    }
+
+    fn note_tail(&mut self, bytes: &[u8]) {
+        self.tail.extend_from_slice(bytes);
+        let excess = self.tail.len().saturating_sub(4);
+        self.tail.drain(..excess);
+    }
+
+    fn hold(&mut self, bytes: &[u8]) {
+        self.note_tail(bytes);
+        self.held.extend_from_slice(bytes);
+    }
+
+    /// One upstream read: returns the bytes to forward now (possibly empty).
+    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+        let out = self.tap.feed(chunk);
+        if self.is_done_seen {
+            self.hold(&out);
+            return Bytes::new();
+        }
+        if self.tap.summary().end == StreamEnd::Done {
+            self.is_done_seen = true;
+            let (now, later) = split_before_done(out);
+            self.note_tail(&now);
+            self.hold(&later);
+            return now;
+        }
+        self.note_tail(&out);
+        out
+    }
+
+    /// The upstream ended (EOF or error): settle and move on to committing.
+    fn on_upstream_end(&mut self) {
+        self.upstream = None;
+        let rest = self.tap.finish();
+        self.hold(&rest);
+        let summary = self.tap.summary();
+        if summary.end == StreamEnd::Truncated {
+            let separator = event_separator(&self.tail);
+            let event = truncation_event();
+            self.hold(separator.as_bytes());
+            self.hold(event.as_bytes());
+        }
+        let billable = !summary.is_error_first;
+        self.phase = match self.meter.take().filter(|_| billable) {
+            Some(meter) => {
+                let tokens = Metered::of_stream(&summary, meter.context.prompt_estimate);
+                match meter.spawn_record(status_of_end(summary.end), tokens) {
+                    Some(handle) => Phase::Committing(handle),
+                    None => Phase::Releasing,
+                }
+            }
+            None => Phase::Releasing,
+        };
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = MeteringError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, MeteringError>>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.phase {
+                Phase::Streaming => {
+                    let Some(upstream) = this.upstream.as_mut() else {
+                        this.on_upstream_end();
+                        continue;
+                    };
+                    match ready!(upstream.poll_next_unpin(cx)) {
+                        Some(Ok(chunk)) => {
+                            let now = this.on_chunk(chunk);
+                            if !now.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(now))));
+                            }
+                        }
+                        Some(Err(e)) => {
+                            if let Some(meter) = &this.meter {
+                                tracing::warn!(
+                                    request_id = %meter.context.request_id,
+                                    error = %e,
+                                    "upstream stream broke off"
+                                );
+                            }
+                            this.on_upstream_end();
+                        }
+                        None => this.on_upstream_end(),
+                    }
+                }
+                Phase::Committing(handle) => {
+                    let is_stored = ready!(handle.poll_unpin(cx)).unwrap_or(false);
+                    if !is_stored {
+                        // Without a stored event the client must not see a complete
+                        // response: end the body with an error instead.
+                        this.phase = Phase::Finished;
+                        return Poll::Ready(Some(Err(MeteringError)));
+                    }
+                    this.phase = Phase::Releasing;
+                }
+                Phase::Releasing => {
+                    this.phase = Phase::Finished;
+                    if !this.held.is_empty() {
+                        let held = this.held.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(held))));
+                    }
+                }
+                Phase::Finished => return Poll::Ready(None),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for MeteredBody {
+    /// The client went away mid-stream: stop the upstream and bill what was used.
+    fn drop(&mut self) {
+        if !matches!(self.phase, Phase::Streaming) {
+            return;
+        }
+        // Dropping the response stream closes the upstream connection, which is what
+        // makes the model server stop generating.
+        self.upstream = None;
+        let Some(meter) = self.meter.take() else {
+            return;
+        };
+        let summary = self.tap.summary();
+        if summary.is_error_first {
+            return;
+        }
+        let tokens = Metered::of_stream(&summary, meter.context.prompt_estimate);
+        // The write runs on its own task; nobody waits for it.
+        let _detached = meter.spawn_record(UsageStatus::ClientCancelled, tokens);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_estimate_is_bytes_over_four_and_never_zero() {
+        assert_eq!(prompt_estimate(0), 1);
+        assert_eq!(prompt_estimate(3), 1);
+        assert_eq!(prompt_estimate(41), 10);
+        assert_eq!(prompt_estimate(4096), 1024);
+    }
+
+    #[test]
+    fn reported_usage_wins_over_the_estimate() {
+        let reported = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 50,
+            cached_tokens: 4,
+        };
+        let summary = StreamSummary {
+            usage: Some(reported),
+            end: StreamEnd::Done,
+            is_error_first: false,
+            content_chunks: 50,
+        };
+        assert_eq!(
+            Metered::of_stream(&summary, 99),
+            Metered {
+                usage: reported,
+                is_estimated: false
+            }
+        );
+    }
+
+    #[test]
+    fn missing_usage_is_estimated_from_prompt_and_chunks() {
+        let summary = StreamSummary {
+            usage: None,
+            end: StreamEnd::Truncated,
+            is_error_first: false,
+            content_chunks: 5,
+        };
+        assert_eq!(
+            Metered::of_stream(&summary, 12),
+            Metered {
+                usage: Usage {
+                    prompt_tokens: 12,
+                    completion_tokens: 5,
+                    cached_tokens: 0
+                },
+                is_estimated: true
+            }
+        );
+        let zero = StreamSummary {
+            usage: Some(Usage::default()),
+            ..summary
+        };
+        assert!(Metered::of_stream(&zero, 12).is_estimated);
+    }
+
+    #[test]
+    fn a_body_without_usage_is_estimated_from_its_text() {
+        let body = br#"{"choices":[{"message":{"content":"abcdefghi"}},{"text":"abc"}]}"#;
+        let summary = BodySummary {
+            usage: None,
+            is_error: false,
+        };
+        let metered = Metered::of_body(&summary, body, 7);
+        assert_eq!(metered.usage.prompt_tokens, 7);
+        assert_eq!(metered.usage.completion_tokens, 3);
+        assert!(metered.is_estimated);
+        let embeddings = br#"{"data":[{"embedding":[0.1]}]}"#;
+        assert_eq!(
+            Metered::of_body(&summary, embeddings, 7)
+                .usage
+                .completion_tokens,
+            0
+        );
+    }
+
+    #[test]
+    fn stream_ends_map_to_statuses() {
+        assert_eq!(status_of_end(StreamEnd::Done), UsageStatus::Completed);
+        assert_eq!(
+            status_of_end(StreamEnd::FinishedWithoutDone),
+            UsageStatus::Completed
+        );
+        assert_eq!(
+            status_of_end(StreamEnd::ErrorEvent),
+            UsageStatus::UpstreamErrorMidStream
+        );
+        assert_eq!(
+            status_of_end(StreamEnd::Truncated),
+            UsageStatus::UpstreamErrorMidStream
+        );
+    }
+
+    #[test]
+    fn done_is_split_off_at_its_line() {
+        let (now, later) =
+            split_before_done(Bytes::from_static(b"data: {\"a\":1}\n\ndata: [DONE]\n\n"));
+        assert_eq!(&now[..], b"data: {\"a\":1}\n\n");
+        assert_eq!(&later[..], b"data: [DONE]\n\n");
+        let (now, later) = split_before_done(Bytes::from_static(b"NE]\n\n"));
+        assert_eq!(&now[..], b"");
+        assert_eq!(&later[..], b"NE]\n\n");
+    }
+
+    #[test]
+    fn the_truncation_event_starts_on_its_own() {
+        assert_eq!(event_separator(b""), "");
+        assert_eq!(event_separator(b"}\n\n"), "");
+        assert_eq!(event_separator(b"\r\n\r\n"), "");
+        assert_eq!(event_separator(b"}\n"), "\n");
+        assert_eq!(event_separator(b"{\"a"), "\n\n");
+        let event = truncation_event();
+        let json = event
+            .strip_prefix("data: ")
+            .and_then(|rest| rest.strip_suffix("\n\n"))
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(json).unwrap(),
+            serde_json::json!({"error": {
+                "message": "The model server ended the stream unexpectedly.",
+                "type": "upstream_error",
+                "param": null,
+                "code": "upstream_stream_truncated",
+            }})
+        );
+    }
+}

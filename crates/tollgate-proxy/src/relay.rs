@@ -1,0 +1,191 @@
+//! Turning the upstream's answer into the client's.
+//!
+//! The upstream status is known before the client's: an error status is answered with
+//! that status and the upstream's body (JSON as is, anything else wrapped in the OpenAI
+//! error shape), never as a 200 stream. A complete 2xx body is metered and committed
+//! before it is answered; an event stream goes through the metered body.
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde::de::IgnoredAny;
+use tollgate_store::UsageStatus;
+
+use crate::error::{error_response, ProxyError};
+use crate::metering::{record, Meter, Metered, MeteredBody};
+use crate::tap::summarize_body;
+
+/// Largest upstream error body passed on.
+const MAX_ERROR_BODY: usize = 1024 * 1024;
+/// Largest complete (non-streamed) upstream body accepted.
+const MAX_COMPLETE_BODY: usize = 64 * 1024 * 1024;
+/// Longest upstream text kept in a wrapped error message.
+const MAX_WRAPPED_TEXT: usize = 1000;
+
+/// How the client asked for the answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Drop the upstream's usage-only chunk: the gateway asked for it, the client did not.
+    pub strip_usage_chunk: bool,
+}
+
+pub async fn relay(
+    upstream: reqwest::Response,
+    shape: Shape,
+    meter: Meter,
+) -> Result<Response, ProxyError> {
+    let status = upstream.status();
+    if !status.is_success() {
+        if status.is_client_error() || status.is_server_error() {
+            return Ok(error_status(upstream).await);
+        }
+        return Err(ProxyError::UpstreamInvalid);
+    }
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let is_event_stream = content_type
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+    if is_event_stream {
+        return Ok(stream(upstream, status, content_type, shape, meter));
+    }
+    complete(upstream, status, content_type, meter).await
+}
+
+/// Reads at most `cap` bytes; `Err(true)` when the body is longer, `Err(false)` when it
+/// broke off.
+async fn read_capped(upstream: reqwest::Response, cap: usize) -> Result<Bytes, bool> {
+    let mut body = BytesMut::new();
+    let mut chunks = upstream.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|_| false)?;
+        if body.len().saturating_add(chunk.len()) > cap {
+            return Err(true);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// An upstream 4xx/5xx, passed on with its status and `Retry-After`.
+async fn error_status(upstream: reqwest::Response) -> Response {
+    let status = upstream.status();
+    let retry_after = upstream.headers().get(header::RETRY_AFTER).cloned();
+    let body = read_capped(upstream, MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
+    let mut response = if serde_json::from_slice::<IgnoredAny>(&body).is_ok() {
+        (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()
+    } else {
+        let text = String::from_utf8_lossy(&body);
+        let text = text.trim();
+        let message = if text.is_empty() {
+            format!("The model server answered {}.", status.as_u16())
+        } else {
+            truncate_chars(text, MAX_WRAPPED_TEXT).to_owned()
+        };
+        error_response(
+            status,
+            &message,
+            "upstream_error",
+            None,
+            Some("upstream_error"),
+        )
+    };
+    if let Some(retry_after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after);
+    }
+    response
+}
+
+fn truncate_chars(text: &str, max: usize) -> &str {
+    text.char_indices()
+        .nth(max)
+        .map_or(text, |(at, _)| &text[..at])
+}
+
+/// A complete 2xx body: metered and committed, then answered byte for byte.
+async fn complete(
+    upstream: reqwest::Response,
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    meter: Meter,
+) -> Result<Response, ProxyError> {
+    let body = read_capped(upstream, MAX_COMPLETE_BODY)
+        .await
+        .map_err(|is_too_long| {
+            if is_too_long {
+                ProxyError::UpstreamInvalid
+            } else {
+                ProxyError::UpstreamUnreachable
+            }
+        })?;
+    let summary = summarize_body(&body);
+    if !summary.is_error {
+        let tokens = Metered::of_body(&summary, &body, meter.context.prompt_estimate);
+        let event = meter
+            .context
+            .event(UsageStatus::Completed, tokens, meter.clock.as_ref());
+        record(meter.store.as_ref(), &event)
+            .await
+            .map_err(|e| ProxyError::Internal(format!("storing a usage event: {e}")))?;
+    }
+    let content_type = content_type.unwrap_or(HeaderValue::from_static("application/json"));
+    Ok((status, [(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// A 2xx event stream, forwarded through the metered body.
+fn stream(
+    upstream: reqwest::Response,
+    status: StatusCode,
+    content_type: Option<HeaderValue>,
+    shape: Shape,
+    meter: Meter,
+) -> Response {
+    let body = MeteredBody::new(
+        upstream.bytes_stream().boxed(),
+        shape.strip_usage_chunk,
+        meter,
+    );
+    let content_type = content_type.unwrap_or(HeaderValue::from_static("text/event-stream"));
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        Body::new(body),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapped_text_is_cut_on_a_character_boundary() {
+        assert_eq!(truncate_chars("héllo", 2), "hé");
+        assert_eq!(truncate_chars("abc", 10), "abc");
+    }
+}

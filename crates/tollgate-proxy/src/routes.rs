@@ -1,0 +1,150 @@
+//! Thin handlers: each inference route runs the same path — auth → entitlement →
+//! (limits) → upstream → metering — and only says which upstream path it maps to.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tollgate_core::ids::{new_id, IdKind, RequestId};
+
+use crate::auth::authenticate;
+use crate::entitlement::entitlement;
+use crate::error::ProxyError;
+use crate::metering::{prompt_estimate, EventContext, Meter};
+use crate::models::callable_models;
+use crate::relay::{relay, Shape};
+use crate::request::{read_body, request_metadata, InferenceRoute, ParsedRequest};
+use crate::upstream::{send, TargetHealth, UpstreamCall};
+use crate::ProxyState;
+
+/// The router's state: the caller-provided [`ProxyState`] plus the data plane's own
+/// memory of upstream health.
+#[derive(Clone)]
+struct DataPlane {
+    state: ProxyState,
+    health: Arc<TargetHealth>,
+}
+
+pub fn router(state: ProxyState) -> Router {
+    let plane = DataPlane {
+        state,
+        health: Arc::new(TargetHealth::default()),
+    };
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(list_models))
+        .with_state(plane)
+}
+
+async fn chat_completions(State(plane): State<DataPlane>, request: Request) -> Response {
+    answer(
+        &request_id(&request),
+        proxy(&plane, InferenceRoute::ChatCompletions, request),
+    )
+    .await
+}
+
+async fn completions(State(plane): State<DataPlane>, request: Request) -> Response {
+    answer(
+        &request_id(&request),
+        proxy(&plane, InferenceRoute::Completions, request),
+    )
+    .await
+}
+
+async fn embeddings(State(plane): State<DataPlane>, request: Request) -> Response {
+    answer(
+        &request_id(&request),
+        proxy(&plane, InferenceRoute::Embeddings, request),
+    )
+    .await
+}
+
+async fn list_models(State(plane): State<DataPlane>, request: Request) -> Response {
+    let id = request_id(&request);
+    let (parts, _body) = request.into_parts();
+    let listing = async {
+        let caller = authenticate(plane.state.store.as_ref(), &parts.headers).await?;
+        let models = callable_models(plane.state.store.as_ref(), &caller).await?;
+        Ok(Json(models).into_response())
+    };
+    answer(&id, listing).await
+}
+
+/// The gateway's id of this request: set by the outer middleware, made here when absent.
+fn request_id(request: &Request) -> RequestId {
+    request
+        .extensions()
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or_else(|| RequestId(new_id(IdKind::Request)))
+}
+
+async fn answer(
+    request_id: &RequestId,
+    outcome: impl std::future::Future<Output = Result<Response, ProxyError>>,
+) -> Response {
+    let mut response = outcome
+        .await
+        .unwrap_or_else(|e| e.into_logged_response(&request_id.0));
+    let name = HeaderName::from_static("x-request-id");
+    if !response.headers().contains_key(&name) {
+        if let Ok(value) = HeaderValue::from_str(&request_id.0) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+/// The whole inference path.
+async fn proxy(
+    plane: &DataPlane,
+    route: InferenceRoute,
+    request: Request,
+) -> Result<Response, ProxyError> {
+    let state = &plane.state;
+    let request_id = request_id(&request);
+    let (parts, body) = request.into_parts();
+
+    let caller = authenticate(state.store.as_ref(), &parts.headers).await?;
+    let metadata = request_metadata(&parts.headers)?;
+    let body = read_body(body, &parts.headers, state.config.max_body_bytes).await?;
+    let parsed = ParsedRequest::parse(&body, route)?;
+    let allowed = entitlement(state.store.as_ref(), &caller, &parsed.model).await?;
+
+    // Limits (SPEC §2) are admitted here: after entitlement, before any upstream
+    // contact, against `allowed.limits`; the reservation is settled where
+    // `metering::record` stores the request's usage event.
+
+    let call = UpstreamCall {
+        route,
+        request: &parsed,
+        client_headers: &parts.headers,
+        request_id: &request_id.0,
+    };
+    let upstream = send(state, &plane.health, &allowed.endpoint.targets, &call).await?;
+
+    let meter = Meter {
+        store: Arc::clone(&state.store),
+        clock: Arc::clone(&state.clock),
+        context: EventContext {
+            request_id: request_id.0.clone(),
+            request_metadata: metadata,
+            model_slug: parsed.model.clone(),
+            external_entity_id: caller.external_entity_id,
+            api_key_prefix: caller.key_prefix,
+            group_id: caller.group_id,
+            workspace_id: caller.workspace_id,
+            prompt_estimate: prompt_estimate(parsed.body_len),
+        },
+    };
+    let shape = Shape {
+        strip_usage_chunk: parsed.is_stream && !parsed.client_wants_usage,
+    };
+    relay(upstream, shape, meter).await
+}
