@@ -182,11 +182,18 @@ pub struct UsageEvent {
     pub is_estimated: bool,
 }
 
+/// Every field that is set must match; events come in the order they were stored.
 #[derive(Debug, Clone, Default)]
 pub struct UsageFilter {
     pub workspace_id: Option<String>,
     pub group_id: Option<String>,
     pub request_id: Option<String>,
+    pub external_entity_id: Option<String>,
+    pub api_key_prefix: Option<String>,
+    /// Events at or after this time.
+    pub start_time: Option<Timestamp>,
+    /// Events before this time.
+    pub end_time: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,8 +26,9 @@ use tollgate_core::ids::{new_id, IdKind};
 use tollgate_core::{Group, Timestamp};
 
 use rows::{
-    into_page, Sequenced, API_KEY_COLUMNS, ENDPOINT_COLUMNS, GROUP_COLUMNS, MANAGEMENT_KEY_COLUMNS,
-    SECRET_COLUMNS, USAGE_EVENT_COLUMNS, WORKSPACE_COLUMNS,
+    into_page, Sequenced, API_KEY_COLUMNS, ENDPOINT_COLUMNS, GROUP_COLUMNS,
+    JOINED_WORKSPACE_COLUMNS, MANAGEMENT_KEY_COLUMNS, SECRET_COLUMNS, USAGE_EVENT_COLUMNS,
+    WORKSPACE_COLUMNS,
 };
 
 use crate::{
@@ -35,6 +36,12 @@ use crate::{
     NewApiKey, NewEndpoint, NewGroup, NewManagementKey, NewSecret, Page, PageRequest, Secret,
     Store, StoreError, StoreResult, UsageEvent, UsageFilter, Workspace,
 };
+
+/// Keys read through the management API belong to a live group. `delete_group` revokes
+/// a subtree's keys, but a key inserted while its group was being deleted would
+/// otherwise show up under a deleted group.
+const GROUP_IS_LIVE: &str = "EXISTS (SELECT 1 FROM groups g \
+     WHERE g.id = api_keys.group_id AND g.deleted_at IS NULL)";
 
 /// How long a connection waits for a lock held by another process before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -648,7 +655,7 @@ impl Store for SqliteStore {
     async fn api_key(&self, group_id: &str, prefix: &str) -> StoreResult<Option<ApiKey>> {
         let row = sqlx::query(&format!(
             "SELECT {API_KEY_COLUMNS} FROM api_keys \
-             WHERE group_id = ?1 AND prefix = ?2 AND revoked_at IS NULL"
+             WHERE group_id = ?1 AND prefix = ?2 AND revoked_at IS NULL AND {GROUP_IS_LIVE}"
         ))
         .bind(group_id)
         .bind(prefix)
@@ -660,7 +667,7 @@ impl Store for SqliteStore {
     async fn list_api_keys(&self, group_id: &str, page: PageRequest) -> StoreResult<Page<ApiKey>> {
         let (limit, after, fetch) = page_bounds(page);
         let mut query = QueryBuilder::new(format!(
-            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL"
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL AND {GROUP_IS_LIVE}"
         ));
         query
             .push(" AND group_id = ")
@@ -698,27 +705,30 @@ impl Store for SqliteStore {
     }
 
     /// Two statements in one read transaction, so the key, its workspace and its chain
-    /// come from the same snapshot.
+    /// come from the same snapshot: the live key with its workspace, then the chain.
     async fn resolve_api_key(&self, prefix: &str) -> StoreResult<Option<KeyGrant>> {
         let mut tx = self.read.begin().await?;
         let row = sqlx::query(&format!(
-            "SELECT {API_KEY_COLUMNS} FROM api_keys \
-             WHERE prefix = ?1 AND revoked_at IS NULL"
+            "SELECT k.seq AS seq, k.group_id AS group_id, k.prefix AS prefix, \
+             k.hash AS hash, k.name AS name, k.created_at AS created_at, \
+             {JOINED_WORKSPACE_COLUMNS} \
+             FROM api_keys k JOIN groups g ON g.id = k.group_id \
+             JOIN workspaces w ON w.id = g.workspace_id \
+             WHERE k.prefix = ?1 AND k.revoked_at IS NULL AND g.deleted_at IS NULL"
         ))
         .bind(prefix)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some((_, key)) = row.as_ref().map(rows::api_key).transpose()? else {
+        let Some(row) = row else {
             return Ok(None);
         };
+        let (_, key) = rows::api_key(&row)?;
+        let workspace = rows::joined_workspace(&row)?;
         let chain = tree::chain(&mut tx, &key.group_id).await?;
-        let Some(group) = chain.first() else {
-            return Ok(None);
-        };
-        let Some(workspace) = workspace_by_id(&mut tx, &group.workspace_id).await? else {
-            return Ok(None);
-        };
         tx.commit().await?;
+        if chain.is_empty() {
+            return Ok(None);
+        }
         Ok(Some(KeyGrant {
             key,
             chain,
@@ -779,6 +789,22 @@ impl Store for SqliteStore {
             query
                 .push(" AND request_id = ")
                 .push_bind(request_id.clone());
+        }
+        if let Some(external_id) = &filter.external_entity_id {
+            query
+                .push(" AND external_entity_id = ")
+                .push_bind(external_id.clone());
+        }
+        if let Some(prefix) = &filter.api_key_prefix {
+            query
+                .push(" AND api_key_prefix = ")
+                .push_bind(prefix.clone());
+        }
+        if let Some(start) = filter.start_time {
+            query.push(" AND timestamp >= ").push_bind(start.0);
+        }
+        if let Some(end) = filter.end_time {
+            query.push(" AND timestamp < ").push_bind(end.0);
         }
         query.push(" AND seq > ").push_bind(after);
         query.push(" ORDER BY seq LIMIT ").push_bind(fetch);

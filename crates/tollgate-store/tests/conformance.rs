@@ -141,3 +141,51 @@ async fn an_unusable_path_is_an_error_not_a_panic() {
     assert!(result.is_err());
     assert!(SqliteStore::open("sqlite:").await.is_err());
 }
+
+/// Two stores on one file stand for `tollgate workspace create` next to a running
+/// server: their write transactions wait on each other (`BEGIN IMMEDIATE` + busy
+/// timeout) instead of failing with SQLITE_BUSY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_file_wait_for_each_other() {
+    let dir = TempDir::new().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+    let first = Arc::new(SqliteStore::open(&url).await.unwrap());
+    let second = Arc::new(SqliteStore::open(&url).await.unwrap());
+    let ws = first.create_workspace("acme", cases::T0).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let store = if n % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        let ws = ws.id.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .create_group(NewGroup {
+                    id: format!("grp_{n}"),
+                    workspace_id: ws,
+                    name: None,
+                    external_entity_id: format!("cust-{n}"),
+                    models: vec![],
+                    mode: LimitMode::Independent,
+                    parent_id: None,
+                    created_at: cases::T0,
+                })
+                .await
+                .map(|group| group.id)
+        }));
+    }
+    for task in tasks {
+        let created = task.await.unwrap();
+        assert!(created.is_ok(), "{created:?}");
+    }
+    let listed = second
+        .list_groups(&ws.id, &Default::default(), cases_all())
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 20);
+    first.close().await;
+    second.close().await;
+}

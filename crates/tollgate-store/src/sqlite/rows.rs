@@ -60,12 +60,25 @@ fn count(row: &SqliteRow, column: &str) -> StoreResult<u64> {
 }
 
 pub(super) fn workspace(row: &SqliteRow) -> StoreResult<Workspace> {
+    workspace_named(row, "")
+}
+
+/// A workspace selected next to another table's columns as `ws_id, ws_name, ...`.
+pub(super) const JOINED_WORKSPACE_COLUMNS: &str = "w.id AS ws_id, w.name AS ws_name, \
+     w.is_enabled AS ws_is_enabled, w.signing_key AS ws_signing_key, \
+     w.created_at AS ws_created_at";
+
+pub(super) fn joined_workspace(row: &SqliteRow) -> StoreResult<Workspace> {
+    workspace_named(row, "ws_")
+}
+
+fn workspace_named(row: &SqliteRow, prefix: &str) -> StoreResult<Workspace> {
     Ok(Workspace {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        is_enabled: row.try_get("is_enabled")?,
-        signing_key: row.try_get("signing_key")?,
-        created_at: timestamp(row, "created_at")?,
+        id: row.try_get(format!("{prefix}id").as_str())?,
+        name: row.try_get(format!("{prefix}name").as_str())?,
+        is_enabled: row.try_get(format!("{prefix}is_enabled").as_str())?,
+        signing_key: row.try_get(format!("{prefix}signing_key").as_str())?,
+        created_at: timestamp(row, &format!("{prefix}created_at"))?,
     })
 }
 

@@ -1004,6 +1004,26 @@ pub async fn delete_group_removes_the_subtree_and_revokes_its_keys(store: Arc<dy
     assert_eq!(ids(&listed.items), ["grp_r", "grp_s"]);
     assert_eq!(store.descendant_ids("grp_r").await.unwrap(), ["grp_s"]);
 
+    // A key inserted after its group was deleted (a request racing the delete) is
+    // invisible.
+    store.insert_api_key(new_key("grp_b", 7)).await.unwrap();
+    assert!(store
+        .api_key("grp_b", &key_prefix(7))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .list_api_keys("grp_b", ALL)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(store
+        .resolve_api_key(&key_prefix(7))
+        .await
+        .unwrap()
+        .is_none());
+
     assert!(store.delete_group("grp_a", at(60)).await.unwrap().is_none());
     assert!(store.delete_group("grp_b", at(60)).await.unwrap().is_none());
     assert!(store
@@ -1344,6 +1364,7 @@ pub async fn usage_events_are_listed_filtered_and_idempotent(store: Arc<dyn Stor
     let mut e3 = event(3, "ws_b", "grp_3", "acme/x", at(2));
     e3.status = UsageStatus::UpstreamErrorMidStream;
     e3.input_tokens = 9_007_199_254_740_993; // above 2^53: stored exactly
+    e3.api_key_prefix = key_prefix(7);
     for e in [&e1, &e2, &e3] {
         store.insert_usage_event(e).await.unwrap();
     }
@@ -1374,7 +1395,7 @@ pub async fn usage_events_are_listed_filtered_and_idempotent(store: Arc<dyn Stor
             ..UsageFilter::default()
         })
         .await,
-        vec![e2]
+        vec![e2.clone()]
     );
     assert_eq!(
         list(UsageFilter {
@@ -1382,16 +1403,50 @@ pub async fn usage_events_are_listed_filtered_and_idempotent(store: Arc<dyn Stor
             ..UsageFilter::default()
         })
         .await,
-        vec![e3]
+        vec![e3.clone()]
     );
     assert_eq!(
         list(UsageFilter {
             workspace_id: Some("ws_b".into()),
             group_id: Some("grp_1".into()),
-            request_id: None,
+            ..UsageFilter::default()
         })
         .await,
         vec![]
+    );
+    assert_eq!(
+        list(UsageFilter {
+            external_entity_id: Some("ext-grp_2".into()),
+            ..UsageFilter::default()
+        })
+        .await,
+        vec![e2.clone()]
+    );
+    assert_eq!(
+        list(UsageFilter {
+            api_key_prefix: Some(key_prefix(7)),
+            ..UsageFilter::default()
+        })
+        .await,
+        vec![e3.clone()]
+    );
+    // start inclusive, end exclusive.
+    assert_eq!(
+        list(UsageFilter {
+            start_time: Some(at(1)),
+            end_time: Some(at(2)),
+            ..UsageFilter::default()
+        })
+        .await,
+        vec![e2.clone()]
+    );
+    assert_eq!(
+        list(UsageFilter {
+            start_time: Some(at(1)),
+            ..UsageFilter::default()
+        })
+        .await,
+        vec![e2, e3]
     );
 }
 
