@@ -1,9 +1,23 @@
 //! The usage tap: reads usage out of upstream bytes as they pass (UPSTREAMS.md rules).
 //!
-//! INTERFACE STUB — the bodies below are placeholders to be replaced by the real
-//! incremental SSE parser; the signatures are the contract the proxy codes against.
+//! The tap never alters the pass-through: without stripping, `feed` hands back the very
+//! bytes it was given and parses a view of them. With stripping, it forwards event by
+//! event, holding back only the current incomplete event, and drops exactly one kind of
+//! event: the usage-only chunk (`choices: []` + `usage`) the gateway asked for on a
+//! client's behalf. Parsing is bounded (1 MiB per event) and cannot fail: whatever it does
+//! not understand it skips. Usage is never summed: the last report wins, field by field.
 
-use bytes::Bytes;
+mod payload;
+mod sse;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use payload::{Payload, ReportedUsage};
+use sse::{Event, EventAssembler, LineRole, LineSplitter, Piece, MAX_EVENT_BYTES};
 
 /// Token counts as reported by an upstream (or estimated).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -50,7 +64,11 @@ pub struct StreamSummary {
 /// Incremental tap over an SSE body.
 #[derive(Debug)]
 pub struct StreamTap {
-    strip_usage_chunk: bool,
+    splitter: LineSplitter,
+    reader: StreamReader,
+    /// `Some` when stripping the usage-only chunk.
+    forwarder: Option<Forwarder>,
+    is_finished: bool,
 }
 
 impl StreamTap {
@@ -58,29 +76,317 @@ impl StreamTap {
     /// is forwarded, because the gateway injected `include_usage` and the client did not
     /// ask for it.
     pub fn new(strip_usage_chunk: bool) -> Self {
-        Self { strip_usage_chunk }
+        Self {
+            splitter: LineSplitter::default(),
+            reader: StreamReader::default(),
+            forwarder: strip_usage_chunk.then(Forwarder::default),
+            is_finished: false,
+        }
     }
 
     /// Feeds one read from the upstream; returns the bytes to forward now, unchanged and
     /// in order (except the stripped usage chunk). May hold back an incomplete event only
     /// when stripping.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
-        let _ = self.strip_usage_chunk;
-        chunk
+        if self.is_finished {
+            return chunk;
+        }
+        let mut out = Output::default();
+        let mut pos = 0;
+        while let Some(piece) = self.splitter.next(&chunk, pos) {
+            let (end, step) = match piece {
+                Piece::CrlfTail { end } => (end, Step::SameAsPrevious),
+                Piece::Partial { end } => (end, Step::Unfinished),
+                Piece::Line { end, text } => {
+                    let line = self.splitter.text(&chunk, text);
+                    (end, Step::Line(self.reader.read_line(line)))
+                }
+            };
+            if let Some(forwarder) = &mut self.forwarder {
+                forwarder.route(step, &chunk, pos..end, &mut out);
+            }
+            pos = end;
+        }
+        match &mut self.forwarder {
+            Some(forwarder) => {
+                forwarder.end_read(&chunk);
+                out.into_bytes(&chunk)
+            }
+            None => chunk,
+        }
     }
 
     /// At upstream EOF (or reset): the bytes still held back, to forward.
+    ///
+    /// A last event that never got its blank line is still read when it is a complete
+    /// JSON object (see `recovered_at_eof`); if it is the usage-only chunk being
+    /// stripped, it is not forwarded.
     pub fn finish(&mut self) -> Bytes {
-        Bytes::new()
+        if std::mem::replace(&mut self.is_finished, true) {
+            return Bytes::new();
+        }
+        if let Some(text) = self.splitter.finish() {
+            let line = self.splitter.text(&[], text);
+            self.reader.read_line(line);
+        }
+        let is_usage_only = self.reader.finish();
+        match &mut self.forwarder {
+            Some(forwarder) if !is_usage_only => Bytes::from(std::mem::take(&mut forwarder.held)),
+            _ => Bytes::new(),
+        }
     }
 
     /// What was learned so far (callable at any time, e.g. on client disconnect).
     pub fn summary(&self) -> StreamSummary {
+        self.reader.summary()
+    }
+
+    /// True when the last event was read at EOF without its closing blank line.
+    pub fn recovered_at_eof(&self) -> bool {
+        self.reader.recovered_at_eof
+    }
+
+    /// Events left unread because they exceeded the 1 MiB bound (still forwarded).
+    pub fn oversize_events(&self) -> u64 {
+        self.reader.assembler.oversize_events
+    }
+}
+
+/// What a piece of input was, for forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Line(LineKind),
+    /// The LF of a CRLF split across reads: it follows its CR.
+    SameAsPrevious,
+    /// An unterminated line.
+    Unfinished,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineKind {
+    /// A comment before any field of an event: nothing to hold it for.
+    LoneComment,
+    /// A field line, or a comment between fields.
+    InsideEvent,
+    EventEnd {
+        is_usage_only: bool,
+    },
+}
+
+/// The stream's parse state and everything learned from it.
+#[derive(Debug, Default)]
+struct StreamReader {
+    assembler: EventAssembler,
+    usage: ReportedUsage,
+    has_usage: bool,
+    is_done: bool,
+    has_finish: bool,
+    has_error: bool,
+    is_error_first: bool,
+    json_events: u64,
+    content_chunks: u64,
+    recovered_at_eof: bool,
+}
+
+impl StreamReader {
+    fn read_line(&mut self, line: Option<&[u8]>) -> LineKind {
+        match self.assembler.push(line) {
+            LineRole::Comment {
+                is_inside_event: false,
+            } => LineKind::LoneComment,
+            LineRole::Comment { .. } | LineRole::Field => LineKind::InsideEvent,
+            LineRole::EventEnd(event) => LineKind::EventEnd {
+                is_usage_only: event.is_some_and(|event| self.read_event(&event)),
+            },
+        }
+    }
+
+    /// At EOF: reads a pending event if it is whole. Returns whether it was the usage-only
+    /// chunk.
+    fn finish(&mut self) -> bool {
+        let Some(event) = self.assembler.finish() else {
+            return false;
+        };
+        let is_readable =
+            event.is_flagged_error || !matches!(payload::read_payload(&event.data), Payload::Other);
+        self.recovered_at_eof = is_readable;
+        is_readable && self.read_event(&event)
+    }
+
+    /// Records one event; returns whether it is the usage-only chunk.
+    fn read_event(&mut self, event: &Event) -> bool {
+        let facts = match payload::read_payload(&event.data) {
+            Payload::Done => {
+                self.is_done = true;
+                return false;
+            }
+            Payload::Other if event.is_flagged_error => payload::ChunkFacts {
+                is_error: true,
+                ..payload::ChunkFacts::default()
+            },
+            Payload::Other => return false,
+            Payload::Chunk(mut facts) => {
+                facts.is_error |= event.is_flagged_error;
+                facts
+            }
+        };
+        if facts.is_error {
+            self.is_error_first |= self.json_events == 0;
+            self.has_error = true;
+        }
+        self.json_events += 1;
+        if let Some(usage) = facts.usage.filter(|u| !u.is_all_zero()) {
+            self.usage.merge(usage);
+            self.has_usage = true;
+        }
+        self.has_finish |= facts.has_finish;
+        self.content_chunks += facts.content_choices;
+        facts.is_usage_only
+    }
+
+    fn summary(&self) -> StreamSummary {
+        let end = if self.has_error {
+            StreamEnd::ErrorEvent
+        } else if self.is_done {
+            StreamEnd::Done
+        } else if self.has_finish {
+            StreamEnd::FinishedWithoutDone
+        } else {
+            StreamEnd::Truncated
+        };
         StreamSummary {
-            usage: None,
-            end: StreamEnd::Truncated,
-            is_error_first: false,
-            content_chunks: 0,
+            usage: self.has_usage.then(|| self.usage.resolve()).flatten(),
+            end,
+            is_error_first: self.is_error_first,
+            content_chunks: self.content_chunks,
+        }
+    }
+}
+
+/// Forwarding when stripping: holds the current event's bytes until it is known not to be
+/// the usage-only chunk.
+#[derive(Debug, Default)]
+struct Forwarder {
+    /// Held bytes from earlier reads.
+    held: Vec<u8>,
+    /// Where the held bytes start in the current read (they run up to the current piece).
+    held_from: Option<usize>,
+    /// The held event outgrew the bound: forward the rest of it as it comes.
+    is_passing_through: bool,
+    previous: Disposition,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Disposition {
+    #[default]
+    Forward,
+    Hold,
+    Drop,
+}
+
+impl Forwarder {
+    fn route(&mut self, step: Step, input: &Bytes, range: Range<usize>, out: &mut Output) {
+        let is_event_end = matches!(step, Step::Line(LineKind::EventEnd { .. }));
+        let disposition = match step {
+            _ if self.is_passing_through => Disposition::Forward,
+            Step::SameAsPrevious => self.previous,
+            Step::Unfinished | Step::Line(LineKind::InsideEvent) => Disposition::Hold,
+            Step::Line(LineKind::LoneComment) => Disposition::Forward,
+            Step::Line(LineKind::EventEnd { is_usage_only }) => {
+                if is_usage_only {
+                    Disposition::Drop
+                } else {
+                    Disposition::Forward
+                }
+            }
+        };
+        match disposition {
+            Disposition::Forward => self.forward(input, range, out),
+            Disposition::Hold => {
+                let from = *self.held_from.get_or_insert(range.start);
+                let held = self.held.len() + (range.end - from);
+                if held > MAX_EVENT_BYTES {
+                    self.is_passing_through = true;
+                    self.forward(input, range, out);
+                }
+            }
+            Disposition::Drop => {
+                self.held.clear();
+                self.held_from = None;
+            }
+        }
+        if is_event_end {
+            self.is_passing_through = false;
+        }
+        self.previous = disposition;
+    }
+
+    /// Forwards everything held and the current piece.
+    fn forward(&mut self, input: &Bytes, piece: Range<usize>, out: &mut Output) {
+        out.push_held(input, &mut self.held);
+        let start = self.held_from.take().unwrap_or(piece.start);
+        out.push_input(input, start..piece.end);
+    }
+
+    /// At the end of a read: keeps what is held of it.
+    fn end_read(&mut self, input: &Bytes) {
+        if let Some(from) = self.held_from.take() {
+            self.held
+                .extend_from_slice(input.get(from..).unwrap_or_default());
+        }
+    }
+}
+
+/// The bytes one `feed` forwards: a slice of the read when possible, a copy otherwise.
+#[derive(Debug, Default)]
+struct Output {
+    /// Forwarded bytes, as one range of the read (while `owned` is `None`).
+    slice: Option<Range<usize>>,
+    owned: Option<BytesMut>,
+}
+
+impl Output {
+    fn push_input(&mut self, input: &Bytes, range: Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        if self.owned.is_none() {
+            match &mut self.slice {
+                None => {
+                    self.slice = Some(range);
+                    return;
+                }
+                Some(current) if current.end == range.start => {
+                    current.end = range.end;
+                    return;
+                }
+                Some(_) => {}
+            }
+        }
+        self.owned(input)
+            .extend_from_slice(input.get(range).unwrap_or_default());
+    }
+
+    fn push_held(&mut self, input: &Bytes, held: &mut Vec<u8>) {
+        if !held.is_empty() {
+            self.owned(input).extend_from_slice(held);
+            held.clear();
+        }
+    }
+
+    /// Switches to a buffer of its own, starting with the slice forwarded so far.
+    fn owned(&mut self, input: &Bytes) -> &mut BytesMut {
+        let slice = self.slice.take();
+        self.owned.get_or_insert_with(|| {
+            BytesMut::from(slice.and_then(|r| input.get(r)).unwrap_or_default())
+        })
+    }
+
+    fn into_bytes(self, input: &Bytes) -> Bytes {
+        match (self.owned, self.slice) {
+            (Some(buffer), _) => buffer.freeze(),
+            (None, Some(range)) => input.slice(range),
+            (None, None) => Bytes::new(),
         }
     }
 }
@@ -93,11 +399,23 @@ pub struct BodySummary {
     pub is_error: bool,
 }
 
-/// Reads usage from a complete non-streamed JSON body.
+/// Reads usage from a complete non-streamed JSON body (same usage rules as a stream; a
+/// body that is not a JSON object has neither usage nor error).
 pub fn summarize_body(body: &[u8]) -> BodySummary {
-    let _ = body;
-    BodySummary {
-        usage: None,
-        is_error: false,
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(object)) => {
+            let facts = payload::read_chunk(&object);
+            BodySummary {
+                usage: facts
+                    .usage
+                    .filter(|usage| !usage.is_all_zero())
+                    .and_then(|usage| usage.resolve()),
+                is_error: facts.is_error,
+            }
+        }
+        _ => BodySummary {
+            usage: None,
+            is_error: false,
+        },
     }
 }
