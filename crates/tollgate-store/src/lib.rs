@@ -55,7 +55,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// All of Tollgate's state. Reads of a single object return it whatever its workspace
 /// (callers answer 403 for another workspace's object); deleted or revoked objects are
-/// `None`. Lists return live rows of one workspace in creation order, keyset-paged.
+/// `None`. Lists return live rows of one workspace in creation order, keyset-paged
+/// (a `limit` of 0 is read as 1).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // --- workspaces -------------------------------------------------------------------
@@ -72,7 +73,8 @@ pub trait Store: Send + Sync + 'static {
     /// `Err(Duplicate("prefix"))` when the prefix is taken by any management key.
     async fn insert_management_key(&self, key: NewManagementKey) -> StoreResult<ManagementKey>;
     /// Inserts the key unless a live key with the same hash exists (TOLLGATE_ADMIN_KEY on
-    /// every start).
+    /// every start). When another row — a revoked copy of this key or a different key —
+    /// holds the prefix, that row is replaced by this key, live.
     async fn ensure_management_key(&self, key: NewManagementKey) -> StoreResult<()>;
     /// A live management key by prefix, with its workspace.
     async fn management_key_by_prefix(
@@ -164,6 +166,8 @@ pub trait Store: Send + Sync + 'static {
     async fn resolve_api_key(&self, prefix: &str) -> StoreResult<Option<KeyGrant>>;
 
     // --- usage ------------------------------------------------------------------------
+    /// Idempotent on `idempotency_key`: storing an event again (a spool replayed after a
+    /// crash) keeps the first copy and is not an error.
     async fn insert_usage_event(&self, event: &UsageEvent) -> StoreResult<()>;
     async fn list_usage_events(
         &self,

@@ -66,24 +66,39 @@ enum Location {
 
 impl Location {
     /// Accepts `sqlite://path.db`, `sqlite:path.db` and a plain path
-    /// (`sqlite:///abs/path.db` is the absolute `/abs/path.db`).
-    fn parse(url: &str) -> Location {
-        let path = url
+    /// (`sqlite:///abs/path.db` is the absolute `/abs/path.db`). URL options such as
+    /// `?mode=ro` are refused rather than ignored: Tollgate sets the connection options
+    /// itself, and a plain path may contain `?`.
+    fn parse(url: &str) -> Result<Location, String> {
+        let path = match url
             .strip_prefix("sqlite://")
             .or_else(|| url.strip_prefix("sqlite:"))
-            .unwrap_or(url);
-        if path == ":memory:" {
+        {
+            Some(path) if path.contains('?') => {
+                return Err(format!(
+                    "SQLite URL options are not supported (in '{url}'); give the path alone"
+                ))
+            }
+            Some(path) => path,
+            None => url,
+        };
+        if path.is_empty() {
+            return Err("the SQLite database path is empty".into());
+        }
+        Ok(if path == ":memory:" {
             Location::Memory
         } else {
             Location::File(PathBuf::from(path))
-        }
+        })
     }
 }
 
 impl SqliteStore {
     /// Opens (creating it when missing) the database at `url` and applies migrations.
     pub async fn open(url: &str) -> StoreResult<SqliteStore> {
-        let store = match Location::parse(url) {
+        let location = Location::parse(url)
+            .map_err(|why| StoreError::Database(sqlx::Error::Configuration(why.into())))?;
+        let store = match location {
             Location::Memory => Self::open_memory().await?,
             Location::File(path) => Self::open_file(&path).await?,
         };
@@ -94,11 +109,6 @@ impl SqliteStore {
     }
 
     async fn open_file(path: &Path) -> StoreResult<SqliteStore> {
-        if path.as_os_str().is_empty() {
-            return Err(StoreError::Database(sqlx::Error::Configuration(
-                "the SQLite database path is empty".into(),
-            )));
-        }
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(dir)
                 .await
@@ -860,24 +870,54 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    impl Location {
+        fn parse_ok(url: &str) -> Location {
+            Location::parse(url).unwrap()
+        }
+    }
+
+    #[test]
+    fn database_urls_with_options_or_no_path_are_refused() {
+        assert_eq!(
+            Location::parse("sqlite://t.db?mode=ro"),
+            Err(
+                "SQLite URL options are not supported (in 'sqlite://t.db?mode=ro'); \
+                 give the path alone"
+                    .into()
+            )
+        );
+        assert_eq!(
+            Location::parse("sqlite:"),
+            Err("the SQLite database path is empty".into())
+        );
+        assert_eq!(
+            Location::parse(""),
+            Err("the SQLite database path is empty".into())
+        );
+        assert_eq!(
+            Location::parse_ok("odd?name.db"),
+            Location::File(PathBuf::from("odd?name.db"))
+        );
+    }
+
     #[test]
     fn database_urls_name_a_file_or_memory() {
         assert_eq!(
-            Location::parse("sqlite://tollgate.db"),
+            Location::parse_ok("sqlite://tollgate.db"),
             Location::File(PathBuf::from("tollgate.db"))
         );
         assert_eq!(
-            Location::parse("sqlite:data/t.db"),
+            Location::parse_ok("sqlite:data/t.db"),
             Location::File(PathBuf::from("data/t.db"))
         );
         assert_eq!(
-            Location::parse("sqlite:///var/lib/tollgate.db"),
+            Location::parse_ok("sqlite:///var/lib/tollgate.db"),
             Location::File(PathBuf::from("/var/lib/tollgate.db"))
         );
         assert_eq!(
-            Location::parse("/tmp/x.db"),
+            Location::parse_ok("/tmp/x.db"),
             Location::File(PathBuf::from("/tmp/x.db"))
         );
-        assert_eq!(Location::parse("sqlite::memory:"), Location::Memory);
+        assert_eq!(Location::parse_ok("sqlite::memory:"), Location::Memory);
     }
 }
