@@ -194,7 +194,8 @@ async fn create(
             "must list at least one model",
         ));
     }
-    validate_models(&body.models, "models").map_err(|e| ApiError::invalid_field(&e.field, e.reason))?;
+    validate_models(&body.models, "models")
+        .map_err(|e| ApiError::invalid_field(&e.field, e.reason))?;
     check_slugs_exist(&state, &caller, &body.models, &[]).await?;
     let group = state
         .store
@@ -294,7 +295,8 @@ async fn update(
         ));
     }
     if let Some(models) = &models {
-        validate_models(models, "models").map_err(|e| ApiError::invalid_field(&e.field, e.reason))?;
+        validate_models(models, "models")
+            .map_err(|e| ApiError::invalid_field(&e.field, e.reason))?;
         check_slugs_exist(&state, &caller, models, &current.models).await?;
     }
     let group = state

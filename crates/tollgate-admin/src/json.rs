@@ -203,7 +203,10 @@ mod tests {
         assert_eq!(error_of(b"").1, "invalid_json");
         let (_, code, message) = error_of(br#"{"inner": [], "parent": null} {}"#);
         assert_eq!(code, "invalid_json");
-        assert!(message.starts_with("Malformed JSON: trailing characters"), "{message}");
+        assert!(
+            message.starts_with("Malformed JSON: trailing characters"),
+            "{message}"
+        );
         let (status, code, message) = error_of(b"{\"inner\": \"\xff\"}");
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(code, "invalid_json");

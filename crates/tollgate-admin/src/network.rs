@@ -85,13 +85,18 @@ mod tests {
             .unwrap_err();
         assert_eq!(refusal.code, "private_network_url");
         assert!(refusal.reason.contains("(127.0.0.1)"), "{}", refusal.reason);
-        let refusal = check_public_url("http://[::1]/v1", false).await.unwrap_err();
+        let refusal = check_public_url("http://[::1]/v1", false)
+            .await
+            .unwrap_err();
         assert_eq!(refusal.code, "private_network_url");
         let refusal = check_public_url("http://169.254.169.254/v1", false)
             .await
             .unwrap_err();
         assert_eq!(refusal.code, "private_network_url");
-        assert_eq!(check_public_url("http://127.0.0.1:9000/v1", true).await, Ok(()));
+        assert_eq!(
+            check_public_url("http://127.0.0.1:9000/v1", true).await,
+            Ok(())
+        );
         assert_eq!(check_public_url("https://8.8.8.8/v1", false).await, Ok(()));
     }
 

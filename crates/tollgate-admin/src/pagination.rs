@@ -167,7 +167,14 @@ mod tests {
 
     #[test]
     fn limits_outside_the_range_are_refused() {
-        for bad in ["limit=0", "limit=1001", "limit=-1", "limit=ten", "limit=1.5", "limit="] {
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "limit=-1",
+            "limit=ten",
+            "limit=1.5",
+            "limit=",
+        ] {
             assert_eq!(
                 message(bad),
                 (

@@ -7,13 +7,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tollgate_core::ids::{new_id, IdKind};
-use tollgate_store::{NewSecret, Secret, StoreError};
+use tollgate_store::{NewSecret, PageRequest, Secret, StoreError};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::fields::{check_text, MAX_TEXT_LEN};
 use crate::json::StrictJson;
-use crate::pagination::{page_json, parse_list_query, NoQuery};
+use crate::pagination::{page_json, parse_list_query, NoQuery, MAX_LIMIT};
 use crate::AdminState;
 
 /// Largest secret value accepted (bytes).
@@ -53,6 +53,9 @@ async fn create(
             format!("must be 1..={MAX_SECRET_LEN} bytes"),
         ));
     }
+    if name_taken(&state, &caller.workspace_id, &body.name).await? {
+        return Err(duplicate_name());
+    }
     let ciphertext = state
         .sealer
         .seal(body.value.as_bytes())
@@ -68,13 +71,37 @@ async fn create(
         })
         .await
         .map_err(|e| match e {
-            StoreError::Duplicate(_) => ApiError::bad_request(
-                "duplicate_name",
-                "name: a secret with this name already exists in this workspace",
-            ),
+            StoreError::Duplicate(_) => duplicate_name(),
             other => other.into(),
         })?;
     Ok(Json(json!({ "id": secret.id, "name": secret.name })))
+}
+
+fn duplicate_name() -> ApiError {
+    ApiError::bad_request(
+        "duplicate_name",
+        "name: a secret with this name already exists in this workspace",
+    )
+}
+
+/// True when a live secret of the workspace has this name. The store has no unique
+/// index on names, so two concurrent creates with one name can both pass; a unique index
+/// would surface as `StoreError::Duplicate`, mapped to the same answer.
+async fn name_taken(state: &AdminState, workspace_id: &str, name: &str) -> ApiResult<bool> {
+    let mut page = PageRequest {
+        limit: MAX_LIMIT,
+        after: None,
+    };
+    loop {
+        let found = state.store.list_secrets(workspace_id, page).await?;
+        if found.items.iter().any(|s| s.name == name) {
+            return Ok(true);
+        }
+        match found.next_after {
+            Some(after) => page.after = Some(after),
+            None => return Ok(false),
+        }
+    }
 }
 
 async fn list(
