@@ -235,6 +235,8 @@ impl StreamReader {
             self.has_error = true;
         }
         self.json_events += 1;
+        // All-zero usage is a placeholder: it neither counts nor erases a real figure
+        // (`all_zero_after_a_real_figure_does_not_erase_it`).
         if let Some(usage) = facts.usage.filter(|u| !u.is_all_zero()) {
             self.usage.merge(usage);
             self.has_usage = true;
@@ -264,7 +266,10 @@ impl StreamReader {
 }
 
 /// Forwarding when stripping: holds the current event's bytes until it is known not to be
-/// the usage-only chunk.
+/// the usage-only chunk. Comments before an event's first field go out at once, so
+/// keep-alives are never delayed (`lone_comments_are_forwarded_at_once_when_stripping`);
+/// the LF of a CRLF split across reads follows its CR's fate
+/// (`stripped_cr_terminated_usage_chunk_takes_its_split_lf_along`).
 #[derive(Debug, Default)]
 struct Forwarder {
     /// Held bytes from earlier reads.
