@@ -141,6 +141,12 @@ impl StreamTap {
         self.reader.summary()
     }
 
+    /// True once `data: [DONE]` has been read, whatever came before it (an error event
+    /// makes `summary().end` `ErrorEvent` even when `[DONE]` follows).
+    pub fn has_seen_done(&self) -> bool {
+        self.reader.is_done
+    }
+
     /// True when the last event was read at EOF without its closing blank line.
     pub fn recovered_at_eof(&self) -> bool {
         self.reader.recovered_at_eof

@@ -778,6 +778,18 @@ fn error_after_content_then_done_is_an_error_event() {
 }
 
 #[test]
+fn done_is_seen_as_soon_as_it_is_read_even_after_an_error() {
+    let mut tap = StreamTap::new(false);
+    tap.feed(Bytes::from(ev(r#"{"error":{"message":"m"}}"#)));
+    assert!(!tap.has_seen_done());
+    tap.feed(Bytes::from_static(b"data: [DONE]\n"));
+    assert!(!tap.has_seen_done(), "not before its blank line");
+    tap.feed(Bytes::from_static(b"\n"));
+    assert!(tap.has_seen_done());
+    assert_eq!(tap.summary(), error_summary(true, 0, None));
+}
+
+#[test]
 fn error_after_content_then_eof_or_nothing() {
     let err = r#"{"error":{"message":"boom","type":"server_error","code":"internal_error"}}"#;
     let input = format!("{}{}", ev(&content("a")), ev(err));
