@@ -13,6 +13,7 @@ use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 
 use crate::error::ApiError;
+use crate::objects_only::ObjectsOnly;
 
 /// A request body parsed strictly into `T` (whose types use `deny_unknown_fields`).
 #[derive(Debug)]
@@ -67,7 +68,7 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         ));
     }
     let mut de = serde_json::Deserializer::from_str(text);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(ObjectsOnly(&mut de)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         describe(&path, &inner)
@@ -94,10 +95,15 @@ fn describe(path: &str, error: &serde_json::Error) -> ApiError {
     }
 }
 
-/// serde_json appends ` at line 1 column 42` to data errors; the path says more.
+/// serde_json appends ` at line 1 column 42` to data errors (the path says more), and
+/// serde names Rust types (`expected struct CreateGroup`), which mean nothing on the wire.
 fn without_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(at) => message[..at].to_owned(),
+    let message = match message.rfind(" at line ") {
+        Some(at) => &message[..at],
+        None => message,
+    };
+    match message.find("expected struct ") {
+        Some(at) => format!("{}expected a JSON object", &message[..at]),
         None => message.to_owned(),
     }
 }
@@ -211,6 +217,21 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(code, "invalid_json");
         assert_eq!(message, "Request body is not valid UTF-8");
+    }
+
+    #[test]
+    fn arrays_are_not_objects() {
+        let (_, code, message) = error_of(br#"[[{"threshold": 1}], false, null]"#);
+        assert_eq!(code, "invalid_payload");
+        assert_eq!(
+            message,
+            "body: invalid type: sequence, expected a JSON object"
+        );
+        let (_, _, message) = error_of(br#"{"inner": [[1]], "parent": null}"#);
+        assert_eq!(
+            message,
+            "inner[0]: invalid type: sequence, expected a JSON object"
+        );
     }
 
     #[test]

@@ -22,6 +22,8 @@ mod groups;
 pub mod json;
 mod management_keys;
 pub mod network;
+mod objects_only;
+mod openapi;
 pub mod pagination;
 mod secrets;
 mod signing_key;
@@ -55,6 +57,8 @@ pub fn router(state: AdminState) -> axum::Router {
             state.clone(),
             auth::authenticate,
         ))
+        // The OpenAPI document is public: it describes routes, never data.
+        .merge(openapi::router())
         .method_not_allowed_fallback(method_not_allowed)
         .route("/v1/gateway", any(unknown_route))
         .route("/v1/gateway/", any(unknown_route))
