@@ -6,7 +6,7 @@
 //! even parsed. A key under another group of the same workspace answers 404, like a
 //! revoked one.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,6 +26,7 @@ use crate::fields::check_name;
 use crate::groups::owned_group;
 use crate::json::{parse_body, RawBody, StrictJson};
 use crate::pagination::{page_json, parse_list_query, NoQuery};
+use crate::params::Path;
 use crate::AdminState;
 
 /// Header carrying the registration signature (the reference API's name).

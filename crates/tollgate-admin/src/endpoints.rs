@@ -1,7 +1,7 @@
 //! `/v1/gateway/endpoints`: a public slug mapped to 1..=8 upstream targets (SPEC §1.5).
 //! Slugs are unique across the installation and immutable; PATCH replaces the targets.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -17,6 +17,7 @@ use crate::fields::{check_text, MAX_TEXT_LEN};
 use crate::json::{present, StrictJson};
 use crate::network::check_public_url;
 use crate::pagination::{page_json, parse_list_query, NoQuery};
+use crate::params::Path;
 use crate::AdminState;
 
 /// Longest accepted `base_url`.

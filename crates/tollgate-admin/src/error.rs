@@ -2,13 +2,17 @@
 //!
 //! A caller's mistake becomes `{"error": "<message>", "code": "<stable_snake_case>"}` with
 //! a 4xx status; the codes are listed in `docs/management-api.md` and never change
-//! meaning. An internal failure is logged once, here, and answered as an opaque 500
-//! `internal_error` so no store detail reaches the caller.
+//! meaning. An internal failure is answered as an opaque 500 `internal_error` so no
+//! store detail reaches the caller; its detail rides in a response extension to
+//! [`log_internal_errors`], which logs it once with the request id.
 
+use axum::extract::Request;
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tollgate_core::hierarchy::HierarchyError;
+use tollgate_core::ids::RequestId;
 use tollgate_store::{GroupWriteError, StoreError};
 
 #[derive(Debug)]
@@ -84,14 +88,42 @@ impl ApiError {
     }
 }
 
+/// The detail of an internal error, carried from the handler to the logging layer.
+#[derive(Debug, Clone)]
+struct InternalDetail(String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Some(detail) = &self.internal {
-            tracing::error!(error = %detail, "management API internal error");
-        }
         let body = serde_json::json!({ "error": self.message, "code": self.code });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(detail) = self.internal {
+            response.extensions_mut().insert(InternalDetail(detail));
+        }
+        response
     }
+}
+
+/// Middleware: logs each internal error once, with the request id set by the server's
+/// outer layer (when there is one).
+pub async fn log_internal_errors(request: Request, next: Next) -> Response {
+    let request_id = request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    if let Some(InternalDetail(detail)) = response.extensions_mut().remove::<InternalDetail>() {
+        tracing::error!(
+            request_id = %request_id,
+            %method,
+            %path,
+            error = %detail,
+            "management API internal error"
+        );
+    }
+    response
 }
 
 impl From<StoreError> for ApiError {
@@ -150,5 +182,13 @@ mod tests {
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(e.code(), "internal_error");
         assert_eq!(e.message(), "Internal server error");
+        let response = e.into_response();
+        assert_eq!(
+            response
+                .extensions()
+                .get::<InternalDetail>()
+                .map(|d| d.0.as_str()),
+            Some("disk I/O error at /var/lib/tollgate.db")
+        );
     }
 }

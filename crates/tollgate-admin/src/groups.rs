@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -25,6 +25,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::fields::{check_name, check_text, MAX_TEXT_LEN};
 use crate::json::{patch_field, present, required_nullable, StrictJson};
 use crate::pagination::{page_json, parse_list_query, NoQuery};
+use crate::params::Path;
 use crate::AdminState;
 
 pub fn router() -> Router<AdminState> {
@@ -227,10 +228,27 @@ async fn list(
         .store
         .list_groups(&caller.workspace_id, &filter, query.page)
         .await?;
+    // Siblings share their ancestors: fetch each parent's chain once per page.
+    let mut ancestors: HashMap<String, Vec<Group>> = HashMap::new();
     let mut chains = Vec::with_capacity(page.items.len());
     for group in page.items {
-        let chain = state.store.group_chain(&group.id).await?;
-        chains.push(if chain.is_empty() { vec![group] } else { chain });
+        let cached = group.parent_id.as_ref().and_then(|p| ancestors.get(p));
+        let chain = match (&group.parent_id, cached) {
+            (None, _) => vec![group],
+            (Some(_), Some(above)) => std::iter::once(group)
+                .chain(above.iter().cloned())
+                .collect(),
+            (Some(parent), None) => {
+                let chain = state.store.group_chain(&group.id).await?;
+                if chain.is_empty() {
+                    vec![group]
+                } else {
+                    ancestors.insert(parent.clone(), chain[1..].to_vec());
+                    chain
+                }
+            }
+        };
+        chains.push(chain);
     }
     let page = Page {
         items: chains,

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::routing::any;
 use tollgate_core::secretbox::SecretBox;
@@ -25,11 +26,15 @@ pub mod network;
 mod objects_only;
 mod openapi;
 pub mod pagination;
+mod params;
 mod secrets;
 mod signing_key;
 
 pub use api_keys::SIGNATURE_HEADER;
 pub use error::ApiError;
+
+/// Largest management request body (a group with hundreds of models is far smaller).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// What every management handler can reach.
 #[derive(Clone)]
@@ -63,6 +68,8 @@ pub fn router(state: AdminState) -> axum::Router {
         .route("/v1/gateway", any(unknown_route))
         .route("/v1/gateway/", any(unknown_route))
         .route("/v1/gateway/{*rest}", any(unknown_route))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(error::log_internal_errors))
         .with_state(state)
 }
 

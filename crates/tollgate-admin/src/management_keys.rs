@@ -1,7 +1,7 @@
 //! `/v1/gateway/management_keys`: operators' keys within a workspace (SPEC §4). The full
 //! key is shown once, in the create answer; lists show prefixes only.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::routing::{delete, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -14,6 +14,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::fields::check_name;
 use crate::json::StrictJson;
 use crate::pagination::{page_json, parse_list_query, NoQuery};
+use crate::params::Path;
 use crate::AdminState;
 
 pub fn router() -> Router<AdminState> {

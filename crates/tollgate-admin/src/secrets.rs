@@ -1,7 +1,7 @@
 //! `/v1/gateway/secrets`: upstream credentials, sealed with the master key before they
 //! reach the store and never returned by any route.
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -14,6 +14,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::fields::{check_text, MAX_TEXT_LEN};
 use crate::json::StrictJson;
 use crate::pagination::{page_json, parse_list_query, NoQuery, MAX_LIMIT};
+use crate::params::Path;
 use crate::AdminState;
 
 /// Largest secret value accepted (bytes).

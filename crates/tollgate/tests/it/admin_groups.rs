@@ -1161,7 +1161,7 @@ async fn list_filters_and_pages_groups() {
     server.create_endpoint("acme/m", "m").await;
     let models = json!([{"slug": "acme/m"}]);
     let root = server
-        .group("root", "INDEPENDENT", None, models.clone())
+        .group("root", "INDEPENDENT", None, token_minute("acme/m", 100))
         .await;
     let c1 = server
         .group("c1", "INDEPENDENT", Some(&root), models.clone())

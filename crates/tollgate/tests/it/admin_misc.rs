@@ -362,6 +362,40 @@ async fn bodies_are_parsed_strictly_whatever_the_content_type() {
     .await;
 }
 
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let server = TestServer::start().await;
+    let value = "v".repeat(1024 * 1024);
+    expect_error(
+        server
+            .post(
+                "/v1/gateway/secrets",
+                &json!({"name": "big", "value": value}),
+            )
+            .send()
+            .await
+            .unwrap(),
+        413,
+        "payload_too_large",
+        "Request body is too large",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn undecodable_path_ids_are_404() {
+    let server = TestServer::start().await;
+    for path in ["/v1/gateway/groups/%FF%FE", "/v1/gateway/endpoints/%C3%28"] {
+        expect_error(
+            server.get(path).send().await.unwrap(),
+            404,
+            "not_found",
+            "Object not found",
+        )
+        .await;
+    }
+}
+
 // --- query strings and paging ---------------------------------------------------------
 
 #[tokio::test]
