@@ -1,5 +1,7 @@
 //! `tollgate`: a thin shell over the library (arguments, logging, signals).
 
+use std::io::IsTerminal as _;
+
 use anyhow::Context;
 use clap::Parser;
 use std::sync::Arc;
@@ -58,7 +60,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
