@@ -21,7 +21,9 @@ pub async fn default_workspace(
     let workspace = match store.workspace_by_name(DEFAULT_WORKSPACE).await? {
         Some(existing) => existing,
         None => {
-            let created = store.create_workspace(DEFAULT_WORKSPACE, clock.now()).await?;
+            let created = store
+                .create_workspace(DEFAULT_WORKSPACE, clock.now())
+                .await?;
             if admin_key.is_none() {
                 let key = mint_first_key(store, clock, &created).await?;
                 announce(&format!(

@@ -55,10 +55,17 @@ pub struct ServeArgs {
     #[arg(long = "admin-key", env = "TOLLGATE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
     /// Base64 of 32 bytes that seal stored secrets (generated next to the SQLite file when unset).
-    #[arg(long = "master-key", env = "TOLLGATE_MASTER_KEY", hide_env_values = true)]
+    #[arg(
+        long = "master-key",
+        env = "TOLLGATE_MASTER_KEY",
+        hide_env_values = true
+    )]
     pub master_key: Option<String>,
     /// Let upstream and webhook URLs resolve to loopback / private / link-local addresses.
-    #[arg(long = "allow-private-networks", env = "TOLLGATE_ALLOW_PRIVATE_NETWORKS")]
+    #[arg(
+        long = "allow-private-networks",
+        env = "TOLLGATE_ALLOW_PRIVATE_NETWORKS"
+    )]
     pub allow_private_networks: Option<bool>,
     /// Largest accepted request body in bytes [default: 10485760].
     #[arg(long = "max-body-bytes", env = "TOLLGATE_MAX_BODY_BYTES")]

@@ -75,9 +75,9 @@ impl Config {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen = listen_text
-            .parse()
-            .with_context(|| format!("listen: '{listen_text}' is not an address like 127.0.0.1:8080"))?;
+        let listen = listen_text.parse().with_context(|| {
+            format!("listen: '{listen_text}' is not an address like 127.0.0.1:8080")
+        })?;
         if let Some(redis) = args.redis.or(file.redis_url) {
             bail!(
                 "redis: shared Redis rate counters are not available in this version; \
@@ -98,8 +98,9 @@ impl Config {
             None => None,
         };
         let upstream_timeout = match args.upstream_timeout.or(file.upstream_timeout) {
-            Some(text) => humantime::parse_duration(&text)
-                .with_context(|| format!("upstream_timeout: '{text}' is not a duration like 60s"))?,
+            Some(text) => humantime::parse_duration(&text).with_context(|| {
+                format!("upstream_timeout: '{text}' is not a duration like 60s")
+            })?,
             None => DEFAULT_UPSTREAM_TIMEOUT,
         };
         let max_body_bytes = args
@@ -143,9 +144,9 @@ pub fn parse_master_key(text: &str) -> anyhow::Result<[u8; 32]> {
         .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text))
         .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text))
         .context("master key: not base64")?;
-    bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| anyhow::anyhow!("master key: must decode to 32 bytes, got {}", b.len()))
+    bytes.try_into().map_err(|b: Vec<u8>| {
+        anyhow::anyhow!("master key: must decode to 32 bytes, got {}", b.len())
+    })
 }
 
 /// The `--config` file (see `tollgate.example.toml`).

@@ -22,7 +22,9 @@ pub async fn setup(
     clock: &dyn Clock,
     gateway: SocketAddr,
 ) -> anyhow::Result<MockUpstream> {
-    let mock = MockUpstream::start().await.context("starting the demo model")?;
+    let mock = MockUpstream::start()
+        .await
+        .context("starting the demo model")?;
     let workspace = store
         .workspace_by_name(DEFAULT_WORKSPACE)
         .await?
@@ -57,7 +59,14 @@ pub async fn setup(
         parent_group_id: None,
     };
     let existing = store
-        .list_groups(&workspace.id, &filter, PageRequest { limit: 1, after: None })
+        .list_groups(
+            &workspace.id,
+            &filter,
+            PageRequest {
+                limit: 1,
+                after: None,
+            },
+        )
         .await?;
     let group = match existing.items.into_iter().next() {
         Some(group) => group,

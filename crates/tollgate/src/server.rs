@@ -54,7 +54,10 @@ impl RunningServer {
     }
 
     /// Serves until `signal` completes, then shuts down gracefully.
-    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         signal.await;
         tracing::info!("shutting down: finishing in-flight requests");
         if let Some(stop) = self.stop.take() {
@@ -218,7 +221,10 @@ async fn load_or_create_master_key(database_url: &str) -> anyhow::Result<[u8; 32
     let Some(db) = sqlite_path(database_url) else {
         return Ok(rand::random());
     };
-    let dir = db.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = db
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let path = dir.join("tollgate.master_key");
     match tokio::fs::read_to_string(&path).await {
         Ok(text) => crate::config::parse_master_key(&text)
@@ -256,9 +262,18 @@ mod tests {
 
     #[test]
     fn sqlite_paths() {
-        assert_eq!(sqlite_path("sqlite://tollgate.db"), Some(PathBuf::from("tollgate.db")));
-        assert_eq!(sqlite_path("sqlite:///var/lib/t.db"), Some(PathBuf::from("/var/lib/t.db")));
-        assert_eq!(sqlite_path("sqlite:x.db?mode=rwc"), Some(PathBuf::from("x.db")));
+        assert_eq!(
+            sqlite_path("sqlite://tollgate.db"),
+            Some(PathBuf::from("tollgate.db"))
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///var/lib/t.db"),
+            Some(PathBuf::from("/var/lib/t.db"))
+        );
+        assert_eq!(
+            sqlite_path("sqlite:x.db?mode=rwc"),
+            Some(PathBuf::from("x.db"))
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
     }
 }

@@ -52,7 +52,11 @@ async fn line_where<R: AsyncRead + Unpin>(
 ) -> String {
     tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            let line = lines.next_line().await.unwrap().expect("process ended early");
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("process ended early");
             if let Some(found) = pick(&line) {
                 return found;
             }
@@ -66,8 +70,13 @@ async fn line_where<R: AsyncRead + Unpin>(
 async fn listening_addr(spawned: &mut Spawned) -> String {
     line_where(&mut spawned.stderr, |line| {
         let at = line.find("addr=")?;
-        line.contains("tollgate listening")
-            .then(|| line[at + 5..].split_whitespace().next().unwrap_or("").to_owned())
+        line.contains("tollgate listening").then(|| {
+            line[at + 5..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
     })
     .await
 }
@@ -135,13 +144,25 @@ async fn demo_prints_a_curl_command_that_works_when_pasted() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("demo.db").display());
     let mut command = tollgate();
-    command.args(["serve", "--demo", "--listen", "127.0.0.1:0", "--database", &db]);
+    command.args([
+        "serve",
+        "--demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--database",
+        &db,
+    ]);
     let mut demo = spawn(command);
     let curl = line_where(&mut demo.stdout, |l| {
         l.starts_with("curl ").then(|| l.to_owned())
     })
     .await;
-    let output = Command::new("sh").arg("-c").arg(&curl).output().await.unwrap();
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(&curl)
+        .output()
+        .await
+        .unwrap();
     assert!(output.status.success(), "curl failed: {output:?}");
     let reply: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(reply["object"], "chat.completion");
@@ -156,7 +177,10 @@ async fn demo_prints_a_curl_command_that_works_when_pasted() {
 #[tokio::test]
 async fn workspace_commands_create_disable_and_enable() {
     let server = TestServer::start().await;
-    let db = format!("sqlite://{}", server.dir.path().join("tollgate.db").display());
+    let db = format!(
+        "sqlite://{}",
+        server.dir.path().join("tollgate.db").display()
+    );
 
     let output = tollgate()
         .args(["workspace", "create", "acme", "--database", &db])
@@ -166,7 +190,11 @@ async fn workspace_commands_create_disable_and_enable() {
     assert!(output.status.success(), "{output:?}");
     let stdout = String::from_utf8(output.stdout).unwrap();
     let key = stdout.trim();
-    assert_eq!(stdout.lines().count(), 1, "the key alone on stdout: {stdout:?}");
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "the key alone on stdout: {stdout:?}"
+    );
     assert!(key.starts_with("tgm_"));
 
     let list = |key: String| {
@@ -252,9 +280,12 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
     .await;
     let id = group["id"].as_str().unwrap();
     let key = ok_json(
-        post(&format!("/v1/gateway/groups/{id}/api_keys"), json!({"name": null}))
-            .await
-            .unwrap(),
+        post(
+            &format!("/v1/gateway/groups/{id}/api_keys"),
+            json!({"name": null}),
+        )
+        .await
+        .unwrap(),
     )
     .await["api_key"]
         .as_str()
@@ -272,7 +303,10 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
     assert_eq!(stream.status(), 200);
     sigterm(&gateway.child);
     let body = stream.text().await.unwrap();
-    assert!(body.trim_end().ends_with("data: [DONE]"), "stream cut short: {body}");
+    assert!(
+        body.trim_end().ends_with("data: [DONE]"),
+        "stream cut short: {body}"
+    );
     // A role chunk, 20 content chunks, the finish chunk; the usage chunk the gateway asked
     // for is stripped because this client did not.
     assert_eq!(body.matches("chat.completion.chunk").count(), 22, "{body}");
@@ -282,4 +316,24 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
         .unwrap()
         .unwrap();
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn shutdown_closes_the_listener_and_the_file_keeps_its_rows() {
+    let server = TestServer::start().await;
+    let url = server.url("/healthz");
+    let http = server.http.clone();
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+    let endpoint = server.create_endpoint("acme/kept", "echo").await;
+    let dir = server.shutdown().await;
+    assert!(http.get(&url).send().await.is_err(), "listener still open");
+
+    let url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+    let reopened = tollgate_store::SqliteStore::open(&url).await.unwrap();
+    let kept = tollgate_store::Store::endpoint_by_slug(&reopened, "acme/kept")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.id, endpoint["id"].as_str().unwrap());
+    reopened.close().await;
 }

@@ -99,7 +99,13 @@ impl TestServer {
                 "secret_id": null,
             }],
         });
-        ok_json(self.post("/v1/gateway/endpoints", &body).send().await.unwrap()).await
+        ok_json(
+            self.post("/v1/gateway/endpoints", &body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     /// Creates a group from a full create body; panics unless the answer is 200.
@@ -108,7 +114,13 @@ impl TestServer {
     }
 
     /// A root or child group with `models`, in `mode`; returns its id.
-    pub async fn group(&self, ext: &str, mode: &str, parent: Option<&str>, models: Value) -> String {
+    pub async fn group(
+        &self,
+        ext: &str,
+        mode: &str,
+        parent: Option<&str>,
+        models: Value,
+    ) -> String {
         let group = self
             .create_group(json!({
                 "metadata": {"external_entity_id": ext, "name": ext},
@@ -122,7 +134,13 @@ impl TestServer {
     /// Mints an API key under `group_id`; returns the full key.
     pub async fn create_key(&self, group_id: &str) -> String {
         let path = format!("/v1/gateway/groups/{group_id}/api_keys");
-        let answer = ok_json(self.post(&path, &json!({"name": "test"})).send().await.unwrap()).await;
+        let answer = ok_json(
+            self.post(&path, &json!({"name": "test"}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         answer["api_key"].as_str().unwrap().to_owned()
     }
 
@@ -134,11 +152,12 @@ impl TestServer {
             .json(body)
     }
 
-    /// Graceful shutdown, as on SIGTERM.
-    pub async fn shutdown(mut self) {
+    /// Graceful shutdown, as on SIGTERM; hands back the data directory for inspection.
+    pub async fn shutdown(mut self) -> TempDir {
         if let Some(server) = self.server.take() {
             server.shutdown().await.unwrap();
         }
+        self.dir
     }
 }
 
