@@ -1234,3 +1234,89 @@ async fn path_variants_are_404_and_never_reach_the_upstream() {
     assert!(server.mock.requests().is_empty());
     assert!(all_events(server).await.is_empty());
 }
+
+// --- stream endings and framings -----------------------------------------------------
+
+/// Streams `target_model` to the end; returns the client's text and the stored event.
+async fn stream_through(target_model: &str, body: &Value) -> (String, UsageEvent) {
+    let plane = Plane::start(target_model).await;
+    let response = plane
+        .call("/v1/chat/completions", body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let id = request_id(&response);
+    let text = response.text().await.unwrap();
+    let mut events = events_of(&plane.server, &id).await;
+    assert_eq!(events.len(), 1, "{text}");
+    (text, events.remove(0))
+}
+
+#[tokio::test]
+async fn a_finished_stream_without_done_is_complete_and_gets_no_error_event() {
+    let (text, event) = stream_through(
+        "echo?prompt_tokens=10&completion_tokens=50&ending=no_done",
+        &chat_body(true),
+    )
+    .await;
+    assert!(!text.contains("[DONE]"));
+    assert!(!text.contains("\"error\""), "{text}");
+    assert_eq!(event.status, UsageStatus::Completed);
+    assert_tokens(&event, 10, 50);
+}
+
+#[tokio::test]
+async fn a_reset_stream_is_flagged_to_the_client_and_billed_partially() {
+    let (text, event) = stream_through(
+        "echo?prompt_tokens=10&completion_tokens=50&usage_on=every&ending=reset",
+        &chat_body(true),
+    )
+    .await;
+    assert!(text.ends_with("\n\n"), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let last: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_stream_truncated");
+    assert_eq!(last["error"]["type"], "upstream_error");
+    assert!(!text.contains("\"finish_reason\":\"stop\""), "{text}");
+    assert_eq!(event.status, UsageStatus::UpstreamErrorMidStream);
+    assert_tokens(&event, 10, 50);
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_its_finish_chunk_is_complete() {
+    // The finish chunk came; only the trailing usage event is cut in half.
+    let (text, event) = stream_through(
+        "echo?prompt_tokens=10&completion_tokens=50&usage_on=every&ending=eof_mid_event",
+        &chat_body(true),
+    )
+    .await;
+    assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
+    assert!(!text.contains("upstream_stream_truncated"), "{text}");
+    assert_eq!(event.status, UsageStatus::Completed);
+    assert_tokens(&event, 10, 50);
+}
+
+#[tokio::test]
+async fn odd_framings_and_deliveries_are_metered_and_stripped() {
+    for script in [
+        "framing=crlf",
+        "framing=comments",
+        "framing=multiline",
+        "delivery=bytewise",
+        "delivery=split_utf8",
+        "delivery=one_read",
+        "ending=done_no_blank",
+    ] {
+        let (text, event) = stream_through(
+            &format!("echo?prompt_tokens=10&completion_tokens=20&{script}"),
+            &chat_body(true),
+        )
+        .await;
+        assert_eq!(event.status, UsageStatus::Completed, "{script}: {text}");
+        assert_tokens(&event, 10, 20);
+        assert!(!event.is_estimated, "{script}");
+        assert!(!text.contains("\"choices\":[]"), "{script}: {text}");
+        assert!(text.contains("[DONE]"), "{script}: {text}");
+    }
+}
