@@ -163,6 +163,15 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// Stores the event on its own task, so that a caller which is dropped meanwhile (the
+    /// client left) cannot cancel the write halfway; resolves to whether it was stored.
+    pub async fn commit(self, status: UsageStatus, tokens: Metered) -> bool {
+        match self.spawn_record(status, tokens) {
+            Some(handle) => handle.await.unwrap_or(false),
+            None => false,
+        }
+    }
+
     fn spawn_record(self, status: UsageStatus, tokens: Metered) -> Option<JoinHandle<bool>> {
         let event = self.context.event(status, tokens, self.clock.as_ref());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -173,6 +182,41 @@ impl Meter {
             return None;
         };
         Some(runtime.spawn(async move { record(self.store.as_ref(), &event).await.is_ok() }))
+    }
+}
+
+/// Bills a complete (non-streamed) answer whose client left while the gateway was still
+/// reading it: the upstream answered 2xx, so the request is billed `client_cancelled`
+/// from the prompt estimate. Disarmed once the answer's own fate is known.
+pub struct CancelGuard {
+    meter: Option<Meter>,
+}
+
+impl CancelGuard {
+    pub fn new(meter: Meter) -> Self {
+        Self { meter: Some(meter) }
+    }
+
+    /// The meter back; the guard will not bill.
+    pub fn disarm(mut self) -> Option<Meter> {
+        self.meter.take()
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let Some(meter) = self.meter.take() else {
+            return;
+        };
+        let tokens = Metered {
+            usage: Usage {
+                prompt_tokens: meter.context.prompt_estimate,
+                completion_tokens: 0,
+                cached_tokens: 0,
+            },
+            is_estimated: true,
+        };
+        let _detached = meter.spawn_record(UsageStatus::ClientCancelled, tokens);
     }
 }
 
@@ -537,5 +581,199 @@ mod tests {
                 "code": "upstream_stream_truncated",
             }})
         );
+    }
+
+    // --- the metered body against a real (in-memory) store -----------------------------
+
+    use futures::channel::mpsc;
+    use http_body_util::BodyExt;
+    use tollgate_core::SystemClock;
+    use tollgate_store::{PageRequest, SqliteStore, UsageFilter};
+
+    type Upstream = mpsc::UnboundedSender<reqwest::Result<Bytes>>;
+
+    async fn meter() -> (Meter, Arc<dyn Store>) {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open("sqlite::memory:").await.unwrap());
+        let meter = Meter {
+            store: Arc::clone(&store),
+            clock: Arc::new(SystemClock),
+            context: EventContext {
+                request_id: "req_test".into(),
+                request_metadata: Some(r#"{"k":1}"#.into()),
+                model_slug: "acme/m".into(),
+                external_entity_id: "cust-42".into(),
+                api_key_prefix: "tg_0123456789abc".into(),
+                group_id: "grp_1".into(),
+                workspace_id: "ws_1".into(),
+                prompt_estimate: 11,
+            },
+        };
+        (meter, store)
+    }
+
+    fn body(meter: Meter, strip: bool) -> (MeteredBody, Upstream) {
+        let (sender, receiver) = mpsc::unbounded();
+        (MeteredBody::new(receiver.boxed(), strip, meter), sender)
+    }
+
+    fn send(upstream: &Upstream, text: &str) {
+        upstream
+            .unbounded_send(Ok(Bytes::from(text.to_owned())))
+            .unwrap();
+    }
+
+    async fn next_text(body: &mut MeteredBody) -> Option<String> {
+        let frame = body.frame().await?.unwrap();
+        Some(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap())
+    }
+
+    async fn events(store: &Arc<dyn Store>) -> Vec<UsageEvent> {
+        let page = PageRequest {
+            limit: 10,
+            after: None,
+        };
+        store
+            .list_usage_events(&UsageFilter::default(), page)
+            .await
+            .unwrap()
+            .items
+    }
+
+    async fn wait_for_events(store: &Arc<dyn Store>) -> Vec<UsageEvent> {
+        for _ in 0..100 {
+            let found = events(store).await;
+            if !found.is_empty() {
+                return found;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("no event stored");
+    }
+
+    const CONTENT: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+    const FINISH: &str =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+    const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":2,\"total_tokens\":12}}\n\n";
+
+    #[tokio::test]
+    async fn done_is_released_only_after_the_event_is_stored() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body(meter, false);
+        send(&upstream, CONTENT);
+        assert_eq!(next_text(&mut body).await.unwrap(), CONTENT);
+        send(&upstream, CONTENT);
+        send(&upstream, &format!("{FINISH}{USAGE}data: [DONE]\n\n"));
+        drop(upstream);
+        assert_eq!(next_text(&mut body).await.unwrap(), CONTENT);
+        assert_eq!(
+            next_text(&mut body).await.unwrap(),
+            format!("{FINISH}{USAGE}")
+        );
+        assert!(events(&store).await.is_empty());
+        assert_eq!(next_text(&mut body).await.unwrap(), "data: [DONE]\n\n");
+        // The event was committed before the last bytes were handed out.
+        let stored = events(&store).await;
+        assert_eq!(stored.len(), 1);
+        let event = &stored[0];
+        assert_eq!(event.status, UsageStatus::Completed);
+        assert_eq!((event.input_tokens, event.output_tokens), (10, 2));
+        assert!(!event.is_estimated);
+        assert_eq!(event.request_id, "req_test");
+        assert_eq!(event.request_metadata.as_deref(), Some(r#"{"k":1}"#));
+        assert!(event.idempotency_key.starts_with("evt_"));
+        assert!(next_text(&mut body).await.is_none());
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn the_injected_usage_chunk_is_stripped_for_a_client_that_did_not_ask() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body(meter, true);
+        send(
+            &upstream,
+            &format!("{CONTENT}{FINISH}{USAGE}data: [DONE]\n\n"),
+        );
+        drop(upstream);
+        let mut text = String::new();
+        while let Some(piece) = next_text(&mut body).await {
+            text.push_str(&piece);
+        }
+        assert_eq!(text, format!("{CONTENT}{FINISH}data: [DONE]\n\n"));
+        let stored = events(&store).await;
+        assert_eq!((stored[0].input_tokens, stored[0].output_tokens), (10, 2));
+    }
+
+    #[tokio::test]
+    async fn dropping_mid_stream_closes_the_upstream_and_bills_client_cancelled() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body(meter, false);
+        for _ in 0..3 {
+            send(&upstream, CONTENT);
+            next_text(&mut body).await.unwrap();
+        }
+        drop(body);
+        assert!(upstream.is_closed(), "the upstream stream must be dropped");
+        let stored = wait_for_events(&store).await;
+        assert_eq!(stored.len(), 1);
+        let event = &stored[0];
+        assert_eq!(event.status, UsageStatus::ClientCancelled);
+        assert_eq!((event.input_tokens, event.output_tokens), (11, 3));
+        assert!(event.is_estimated);
+    }
+
+    #[tokio::test]
+    async fn a_cut_stream_ends_with_an_error_event_and_bills_what_passed() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body(meter, false);
+        send(&upstream, CONTENT);
+        send(&upstream, "data: {\"choices\":[{\"ind");
+        drop(upstream);
+        let mut text = String::new();
+        while let Some(piece) = next_text(&mut body).await {
+            text.push_str(&piece);
+        }
+        assert_eq!(
+            text,
+            format!(
+                "{CONTENT}data: {{\"choices\":[{{\"ind\n\n{}",
+                truncation_event()
+            )
+        );
+        let event = &events(&store).await[0];
+        assert_eq!(event.status, UsageStatus::UpstreamErrorMidStream);
+        assert_eq!((event.input_tokens, event.output_tokens), (11, 1));
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_opens_with_an_error_is_not_billed() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body(meter, false);
+        let error = "data: {\"error\":{\"message\":\"overloaded\"}}\n\ndata: [DONE]\n\n";
+        send(&upstream, error);
+        drop(upstream);
+        let mut text = String::new();
+        while let Some(piece) = next_text(&mut body).await {
+            text.push_str(&piece);
+        }
+        assert_eq!(text, error);
+        drop(body);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(events(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_complete_answer_left_by_its_client_is_billed_by_estimate() {
+        let (first, store) = meter().await;
+        drop(CancelGuard::new(first));
+        let stored = wait_for_events(&store).await;
+        assert_eq!(stored[0].status, UsageStatus::ClientCancelled);
+        assert_eq!((stored[0].input_tokens, stored[0].output_tokens), (11, 0));
+        assert!(stored[0].is_estimated);
+
+        let (second, store) = meter().await;
+        let guard = CancelGuard::new(second);
+        assert!(guard.disarm().is_some());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(events(&store).await.is_empty());
     }
 }

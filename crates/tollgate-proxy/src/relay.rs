@@ -14,7 +14,7 @@ use serde::de::IgnoredAny;
 use tollgate_store::UsageStatus;
 
 use crate::error::{error_response, ProxyError};
-use crate::metering::{record, Meter, Metered, MeteredBody};
+use crate::metering::{CancelGuard, Meter, Metered, MeteredBody};
 use crate::tap::summarize_body;
 
 /// Largest upstream error body passed on.
@@ -127,24 +127,25 @@ async fn complete(
     content_type: Option<HeaderValue>,
     meter: Meter,
 ) -> Result<Response, ProxyError> {
-    let body = read_capped(upstream, MAX_COMPLETE_BODY)
-        .await
-        .map_err(|is_too_long| {
-            if is_too_long {
-                ProxyError::UpstreamInvalid
-            } else {
-                ProxyError::UpstreamUnreachable
-            }
-        })?;
+    // Bills the request if the client leaves while the body is being read.
+    let guard = CancelGuard::new(meter);
+    let read = read_capped(upstream, MAX_COMPLETE_BODY).await;
+    let meter = guard.disarm();
+    let body = read.map_err(|is_too_long| {
+        if is_too_long {
+            ProxyError::UpstreamInvalid
+        } else {
+            ProxyError::UpstreamUnreachable
+        }
+    })?;
     let summary = summarize_body(&body);
-    if !summary.is_error {
+    if let Some(meter) = meter.filter(|_| !summary.is_error) {
         let tokens = Metered::of_body(&summary, &body, meter.context.prompt_estimate);
-        let event = meter
-            .context
-            .event(UsageStatus::Completed, tokens, meter.clock.as_ref());
-        record(meter.store.as_ref(), &event)
-            .await
-            .map_err(|e| ProxyError::Internal(format!("storing a usage event: {e}")))?;
+        if !meter.commit(UsageStatus::Completed, tokens).await {
+            return Err(ProxyError::Internal(
+                "the usage event of a complete answer could not be stored".into(),
+            ));
+        }
     }
     let content_type = content_type.unwrap_or(HeaderValue::from_static("application/json"));
     Ok((status, [(header::CONTENT_TYPE, content_type)], body).into_response())
