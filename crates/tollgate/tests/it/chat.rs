@@ -1320,3 +1320,60 @@ async fn odd_framings_and_deliveries_are_metered_and_stripped() {
         assert!(text.contains("[DONE]"), "{script}: {text}");
     }
 }
+
+#[tokio::test]
+async fn the_default_limit_is_ten_mib_and_bodies_under_it_pass_intact() {
+    const LIMIT: usize = 10 * 1024 * 1024;
+    let plane = Plane::start("echo?prompt_tokens=10&completion_tokens=2").await;
+    let server = &plane.server;
+    let url = server.url("/v1/chat/completions");
+
+    let over = body_of_len(LIMIT + 1024);
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> = over
+        .as_bytes()
+        .chunks(256 * 1024)
+        .map(|c| Ok(c.to_vec()))
+        .collect();
+    let response = server
+        .http
+        .post(&url)
+        .bearer_auth(&plane.key)
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = status_json(response).await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        body["error"]["message"],
+        "Request body exceeds the limit of 10485760 bytes."
+    );
+    let response = server
+        .http
+        .post(&url)
+        .bearer_auth(&plane.key)
+        .body(over)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert!(server.mock.requests().is_empty());
+
+    let under = body_of_len(LIMIT - 1024);
+    let response = server
+        .http
+        .post(&url)
+        .bearer_auth(&plane.key)
+        .body(under.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let expected = under.replacen(
+        &format!(r#""model":"{SLUG}""#),
+        r#""model":"echo?prompt_tokens=10&completion_tokens=2""#,
+        1,
+    );
+    assert!(server.mock.requests()[0].raw_body == expected.as_bytes());
+    assert_eq!(all_events(server).await.len(), 1);
+}
