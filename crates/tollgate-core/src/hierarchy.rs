@@ -224,8 +224,18 @@ mod tests {
     /// SPEC §1.3 worked example: O declares TOKEN/MINUTE 100, F and E declare 70.
     #[test]
     fn worked_example_cascading_lists_own_and_parent_pools() {
-        let o = group("O", LimitMode::Cascading, 1, vec![token_minute("acme/m", 100)]);
-        let f = group("F", LimitMode::Cascading, 2, vec![token_minute("acme/m", 70)]);
+        let o = group(
+            "O",
+            LimitMode::Cascading,
+            1,
+            vec![token_minute("acme/m", 100)],
+        );
+        let f = group(
+            "F",
+            LimitMode::Cascading,
+            2,
+            vec![token_minute("acme/m", 70)],
+        );
         let limits = limits_for_slug(&[f, o], "acme/m").unwrap();
         assert_eq!(
             limits,
@@ -250,8 +260,18 @@ mod tests {
 
     #[test]
     fn worked_example_independent_uses_own_declaration_on_own_counter() {
-        let o = group("O", LimitMode::Independent, 1, vec![token_minute("acme/m", 100)]);
-        let e = group("E", LimitMode::Independent, 2, vec![token_minute("acme/m", 70)]);
+        let o = group(
+            "O",
+            LimitMode::Independent,
+            1,
+            vec![token_minute("acme/m", 100)],
+        );
+        let e = group(
+            "E",
+            LimitMode::Independent,
+            2,
+            vec![token_minute("acme/m", 70)],
+        );
         let limits = limits_for_slug(&[e, o.clone()], "acme/m").unwrap();
         assert_eq!(limits.len(), 1);
         assert_eq!(limits[0].threshold, 70);
@@ -265,7 +285,12 @@ mod tests {
 
     #[test]
     fn independent_inherits_nearest_and_counts_on_own_counter() {
-        let root = group("R", LimitMode::Independent, 1, vec![token_minute("acme/m", 100)]);
+        let root = group(
+            "R",
+            LimitMode::Independent,
+            1,
+            vec![token_minute("acme/m", 100)],
+        );
         let mid = group("M", LimitMode::Independent, 2, vec![bare("acme/m")]);
         let leaf = group("L", LimitMode::Independent, 3, vec![bare("acme/m")]);
         let limits = limits_for_slug(&[leaf, mid, root], "acme/m").unwrap();
@@ -277,9 +302,17 @@ mod tests {
 
     #[test]
     fn a_slug_outside_own_models_is_not_callable() {
-        let root = group("R", LimitMode::Cascading, 1, vec![bare("acme/m"), bare("acme/x")]);
+        let root = group(
+            "R",
+            LimitMode::Cascading,
+            1,
+            vec![bare("acme/m"), bare("acme/x")],
+        );
         let child = group("C", LimitMode::Cascading, 2, vec![bare("acme/m")]);
-        assert_eq!(limits_for_slug(&[child.clone(), root.clone()], "acme/x"), None);
+        assert_eq!(
+            limits_for_slug(&[child.clone(), root.clone()], "acme/x"),
+            None
+        );
         assert_eq!(limits_for_slug(&[child, root], "acme/m"), Some(vec![]));
     }
 
@@ -296,10 +329,19 @@ mod tests {
 
     #[test]
     fn cascading_check_refuses_child_above_ancestor_at_any_depth() {
-        let root = group("R", LimitMode::Cascading, 1, vec![token_minute("acme/m", 60)]);
+        let root = group(
+            "R",
+            LimitMode::Cascading,
+            1,
+            vec![token_minute("acme/m", 60)],
+        );
         let mid = group("M", LimitMode::Cascading, 2, vec![bare("acme/m")]);
-        let err = check_cascading(&[token_minute("acme/m", 600)], &[mid.clone(), root.clone()], &[])
-            .unwrap_err();
+        let err = check_cascading(
+            &[token_minute("acme/m", 600)],
+            &[mid.clone(), root.clone()],
+            &[],
+        )
+        .unwrap_err();
         assert_eq!(err.to_string(), "Child group exceeds parent group limit.");
         assert_eq!(
             check_cascading(&[token_minute("acme/m", 60)], &[mid, root], &[]),
@@ -309,12 +351,20 @@ mod tests {
 
     #[test]
     fn cascading_check_refuses_parent_lowered_below_child() {
-        let child = group("C", LimitMode::Cascading, 2, vec![token_minute("acme/m", 70)]);
+        let child = group(
+            "C",
+            LimitMode::Cascading,
+            2,
+            vec![token_minute("acme/m", 70)],
+        );
         assert_eq!(
             check_cascading(&[token_minute("acme/m", 50)], &[], &[child.clone()]),
             Err(HierarchyError::ExceedsParent)
         );
-        assert_eq!(check_cascading(&[token_minute("acme/m", 70)], &[], &[child]), Ok(()));
+        assert_eq!(
+            check_cascading(&[token_minute("acme/m", 70)], &[], &[child]),
+            Ok(())
+        );
     }
 
     #[test]
@@ -333,7 +383,10 @@ mod tests {
                 }],
             }],
         );
-        assert_eq!(check_cascading(&[token_minute("acme/m", 600)], &[root], &[]), Ok(()));
+        assert_eq!(
+            check_cascading(&[token_minute("acme/m", 600)], &[root], &[]),
+            Ok(())
+        );
     }
 
     #[test]
@@ -344,7 +397,10 @@ mod tests {
             Err(HierarchyError::TooDeep)
         );
         let level4 = group("L4", LimitMode::Cascading, 4, vec![]);
-        assert_eq!(check_placement(LimitMode::Cascading, &[level4.clone()]), Ok(5));
+        assert_eq!(
+            check_placement(LimitMode::Cascading, &[level4.clone()]),
+            Ok(5)
+        );
         assert_eq!(
             check_placement(LimitMode::Independent, &[level4]),
             Err(HierarchyError::ModeMismatch {

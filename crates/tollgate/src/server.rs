@@ -101,11 +101,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         sealer: sealer.clone(),
         allow_private_networks,
     });
-    let http = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .build()
-        .context("building the upstream HTTP client")?;
+    let http = tollgate_proxy::http_client().context("building the upstream HTTP client")?;
     let proxy = tollgate_proxy::router(tollgate_proxy::ProxyState {
         store: store.clone(),
         clock: clock.clone(),
