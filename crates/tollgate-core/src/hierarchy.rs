@@ -358,7 +358,11 @@ mod tests {
             vec![token_minute("acme/m", 70)],
         );
         assert_eq!(
-            check_cascading(&[token_minute("acme/m", 50)], &[], &[child.clone()]),
+            check_cascading(
+                &[token_minute("acme/m", 50)],
+                &[],
+                std::slice::from_ref(&child)
+            ),
             Err(HierarchyError::ExceedsParent)
         );
         assert_eq!(
@@ -398,7 +402,7 @@ mod tests {
         );
         let level4 = group("L4", LimitMode::Cascading, 4, vec![]);
         assert_eq!(
-            check_placement(LimitMode::Cascading, &[level4.clone()]),
+            check_placement(LimitMode::Cascading, std::slice::from_ref(&level4)),
             Ok(5)
         );
         assert_eq!(
