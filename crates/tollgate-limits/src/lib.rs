@@ -1,0 +1,115 @@
+//! Rate and usage limits: admit → reserve → settle / refund.
+//!
+//! 1. **Admit.** Before any upstream contact the data plane resolves which limits gate
+//!    the request (`tollgate_core::hierarchy::limits_for_slug`: each limit with its
+//!    threshold and the group whose counter it is enforced on) and calls
+//!    [`Limiter::admit`]. Every counter is checked and, only if all have room, every one
+//!    is debited, atomically: a REQUEST counter admits when `used + 1 <= threshold`, a
+//!    TOKEN counter when `used < threshold` (tokens of requests still in flight
+//!    included). A refusal debits nothing anywhere.
+//! 2. **Reserve.** On admission each REQUEST counter takes 1 and each TOKEN counter takes
+//!    the estimate (prompt bytes / 4). The returned [`Reservation`] remembers exactly
+//!    which window slots were debited.
+//! 3. **Settle / refund.** When the upstream's usage is known, [`Limiter::settle`]
+//!    replaces the estimate by `prompt_tokens + completion_tokens` in those same slots.
+//!    When the upstream failed, [`Limiter::refund`] gives the tokens back; the REQUEST
+//!    admission stays counted. Every reservation is settled or refunded exactly once.
+//!
+//! INTERFACE STUB: types and trait are the contract; implementations live in submodules.
+
+use async_trait::async_trait;
+use tollgate_core::hierarchy::EffectiveLimit;
+use tollgate_core::LimitMode;
+
+/// What a request asks of the limiter.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitRequest<'a> {
+    /// Every limit gating the request (`limits_for_slug`), in resolution order.
+    pub limits: &'a [EffectiveLimit],
+    pub slug: &'a str,
+    /// The tree's mode: in CASCADING a DAY counter pools the counter group's subtree.
+    pub mode: LimitMode,
+    /// Tokens reserved on every TOKEN counter until the request settles.
+    pub estimated_tokens: u64,
+}
+
+/// The tightest limit of one type, for the `x-ratelimit-*-{requests,tokens}` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderLimit {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Milliseconds until the limit is back to its full threshold.
+    pub reset_ms: i64,
+}
+
+/// What the `x-ratelimit-*` headers say; `None` for a type with no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RateHeaders {
+    pub requests: Option<HeaderLimit>,
+    pub tokens: Option<HeaderLimit>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The first exhausted limit, in resolution order (the one named in the 429).
+    pub limit: EffectiveLimit,
+    /// Whole seconds until every exhausted limit can admit again (at least 1); for DAY
+    /// limits the seconds until the next 00:00 UTC.
+    pub retry_after_secs: u64,
+    pub headers: RateHeaders,
+}
+
+/// The admission decision.
+#[derive(Debug)]
+pub enum Decision {
+    Admitted {
+        reservation: Reservation,
+        headers: RateHeaders,
+    },
+    Refused(Refusal),
+}
+
+/// Which window slots an admission debited, so settle/refund touch exactly those.
+#[derive(Debug, Default)]
+#[must_use = "a reservation must be settled or refunded"]
+pub struct Reservation {
+    pub(crate) debits: Vec<Debit>,
+    pub(crate) estimated_tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Debit {
+    pub(crate) counter: CounterKey,
+    /// Window slot (bucket index) debited.
+    pub(crate) slot: i64,
+    /// Tokens reserved in that slot (0 for REQUEST counters).
+    pub(crate) tokens: u64,
+}
+
+/// One counter: a group's count of one (slug, type, unit).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub group_id: String,
+    pub slug: String,
+    pub kind: tollgate_core::LimitType,
+    pub unit: tollgate_core::LimitUnit,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LimiterError {
+    /// The stored usage a DAY counter starts from could not be read.
+    #[error("loading day usage: {0}")]
+    Baseline(String),
+}
+
+/// Enforces limits across every counter that gates a request. The in-process
+/// implementation serves one instance; a shared (Redis) one serves many.
+#[async_trait]
+pub trait Limiter: Send + Sync + 'static {
+    async fn admit(&self, request: AdmitRequest<'_>) -> Result<Decision, LimiterError>;
+    /// Replaces the reservation's estimate by `actual_tokens` on every TOKEN counter.
+    async fn settle(&self, reservation: Reservation, actual_tokens: u64);
+    /// Gives back the reserved tokens; request admissions stay counted.
+    async fn refund(&self, reservation: Reservation);
+}
