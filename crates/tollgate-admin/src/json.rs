@@ -80,14 +80,13 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 
 fn describe(path: &str, error: &serde_json::Error) -> ApiError {
     use serde_json::error::Category;
+    let field = if path == "." { "body" } else { path };
     match error.classify() {
-        Category::Data => {
-            let message = without_position(&error.to_string());
-            if path == "." {
-                ApiError::invalid_field("body", message)
-            } else {
-                ApiError::invalid_field(path, message)
-            }
+        Category::Data => ApiError::invalid_field(field, without_position(&error.to_string())),
+        // `1e400` is valid JSON whose value no number type holds: a value out of range,
+        // not a syntax error (admin_groups::numbers_beyond_any_float_name_the_field).
+        Category::Syntax if error.to_string().starts_with("number out of range") => {
+            ApiError::invalid_field(field, "number out of range")
         }
         Category::Syntax | Category::Eof | Category::Io => {
             ApiError::bad_request("invalid_json", format!("Malformed JSON: {error}"))
@@ -217,6 +216,34 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(code, "invalid_json");
         assert_eq!(message, "Request body is not valid UTF-8");
+    }
+
+    #[test]
+    fn out_of_range_numbers_and_enum_types_name_the_field() {
+        let (_, code, message) = error_of(br#"{"inner": [{"threshold": 1e400}], "parent": null}"#);
+        assert_eq!(code, "invalid_payload");
+        assert_eq!(message, "inner[0].threshold: number out of range");
+        let (_, _, message) = error_of(b"-1e400");
+        assert_eq!(message, "body: number out of range");
+        let e = parse_body::<Mode>(br#"{"mode": null}"#).unwrap_err();
+        assert_eq!(e.code(), "invalid_payload");
+        assert_eq!(
+            e.message(),
+            "mode: invalid type: null, expected `INDEPENDENT` or `CASCADING`"
+        );
+        let e = parse_body::<Mode>(br#"{"mode": {"CASCADING": null}}"#).unwrap_err();
+        assert_eq!(
+            e.message(),
+            "mode: invalid type: map, expected `INDEPENDENT` or `CASCADING`"
+        );
+        let ok: Mode = parse_body(br#"{"mode": "CASCADING"}"#).unwrap();
+        assert_eq!(ok.mode, tollgate_core::LimitMode::Cascading);
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Mode {
+        mode: tollgate_core::LimitMode,
     }
 
     #[test]

@@ -8,7 +8,9 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    self, DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, SeqAccess, Visitor,
+};
 
 /// See the module docs.
 pub struct ObjectsOnly<D>(pub D);
@@ -104,12 +106,15 @@ impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectsOnly<D> {
 
     fn deserialize_enum<V: Visitor<'de>>(
         self,
-        name: &'static str,
+        _name: &'static str,
         variants: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, Self::Error> {
-        // Tollgate's enums are unit variants (strings); their content needs no wrapping.
-        self.0.deserialize_enum(name, variants, visitor)
+        // Tollgate's enums are unit variants, written as strings. serde_json answers any
+        // other JSON type with a syntax error ("expected value") that names no field, so
+        // the value is read as a string first: a number or `null` is then a wrong type
+        // like any other (admin_groups::enum_fields_of_the_wrong_type_name_the_field).
+        self.0.deserialize_any(UnitVariant { variants, visitor })
     }
 
     fn is_human_readable(&self) -> bool {
@@ -183,6 +188,33 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for Wrap<V> {
 
     fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
         self.0.visit_enum(data)
+    }
+}
+
+/// Reads a unit variant from a JSON string; anything else is an `invalid type` error
+/// listing the variants, in serde's wording for unknown variants.
+struct UnitVariant<V> {
+    variants: &'static [&'static str],
+    visitor: V,
+}
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for UnitVariant<V> {
+    type Value = V::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.variants {
+            [] => f.write_str("no value"),
+            [only] => write!(f, "`{only}`"),
+            [first, second] => write!(f, "`{first}` or `{second}`"),
+            [first, rest @ ..] => {
+                write!(f, "one of `{first}`")?;
+                rest.iter().try_for_each(|v| write!(f, ", `{v}`"))
+            }
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+        self.visitor.visit_enum(value.into_deserializer())
     }
 }
 

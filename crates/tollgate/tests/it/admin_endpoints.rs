@@ -252,6 +252,27 @@ async fn invalid_endpoint_payloads_name_the_field() {
         "targets[0].target_model: must be 1..=255 characters",
     )
     .await;
+    // Enum fields of the wrong JSON type name the field (not "Malformed JSON").
+    let mut null_provider = target(&base);
+    null_provider["provider"] = Value::Null;
+    expect_error(
+        post(json!({"slug": "acme/m", "targets": [null_provider]}))
+            .await
+            .unwrap(),
+        400,
+        "invalid_payload",
+        "targets[0].provider: invalid type: null, expected `OPENAI_COMPATIBLE`",
+    )
+    .await;
+    expect_error(
+        post(json!({"slug": "acme/m", "targets": [target(&base)], "region": 1}))
+            .await
+            .unwrap(),
+        400,
+        "invalid_payload",
+        "region: invalid type: integer `1`, expected `UNRESTRICTED` or `EU`",
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -571,6 +571,103 @@ async fn create_payload_rules_name_the_field() {
     );
 }
 
+/// An enum field (`type`, `unit`, `limit_enforcement`) holding a number, `null`, a list
+/// or an object is a wrong type in valid JSON: 400 `invalid_payload` naming the field,
+/// never `invalid_json` "expected value at line 1 column N".
+#[tokio::test]
+async fn enum_fields_of_the_wrong_type_name_the_field() {
+    let server = TestServer::start().await;
+    server.create_endpoint("acme/m", "m").await;
+    for (bad, shown) in [
+        (json!(null), "null"),
+        (json!(1), "integer `1`"),
+        (json!(true), "boolean `true`"),
+        (json!(["TOKEN"]), "sequence"),
+        (json!({"TOKEN": null}), "map"),
+    ] {
+        let models = json!([{"slug": "acme/m", "rate_limits": [{"type": bad, "unit": "MINUTE", "threshold": 1}]}]);
+        expect_error(
+            post_group(&server, &body("c", "CASCADING", None, models)).await,
+            400,
+            "invalid_payload",
+            &format!(
+                "models[0].rate_limits[0].type: invalid type: {shown}, expected `TOKEN` or `REQUEST`"
+            ),
+        )
+        .await;
+        let models = json!([{"slug": "acme/m", "usage_limits": [{"type": "TOKEN", "unit": bad, "threshold": 1}]}]);
+        expect_error(
+            post_group(&server, &body("c", "CASCADING", None, models)).await,
+            400,
+            "invalid_payload",
+            &format!(
+                "models[0].usage_limits[0].unit: invalid type: {shown}, expected one of `SECOND`, `MINUTE`, `DAY`"
+            ),
+        )
+        .await;
+        let mut wrong_mode = body("c", "CASCADING", None, json!([{"slug": "acme/m"}]));
+        wrong_mode["hierarchy"]["limit_enforcement"] = bad;
+        expect_error(
+            post_group(&server, &wrong_mode).await,
+            400,
+            "invalid_payload",
+            &format!(
+                "hierarchy.limit_enforcement: invalid type: {shown}, expected `INDEPENDENT` or `CASCADING`"
+            ),
+        )
+        .await;
+    }
+    // Strings still parse, and unknown strings keep serde's wording.
+    expect_error(
+        post_group(
+            &server,
+            &body(
+                "c",
+                "CASCADING",
+                None,
+                json!([{"slug": "acme/m", "rate_limits": [rate("WORD", "MINUTE", 1)]}]),
+            ),
+        )
+        .await,
+        400,
+        "invalid_payload",
+        "models[0].rate_limits[0].type: unknown variant `WORD`, expected `TOKEN` or `REQUEST`",
+    )
+    .await;
+    server
+        .create_group(body("c", "CASCADING", None, token_minute("acme/m", 1)))
+        .await;
+}
+
+/// A number too large for any JSON parser's float (`1e400`) is valid JSON with an
+/// out-of-range value: 400 `invalid_payload` naming the field.
+#[tokio::test]
+async fn numbers_beyond_any_float_name_the_field() {
+    let server = TestServer::start().await;
+    server.create_endpoint("acme/m", "m").await;
+    for literal in ["1e400", "-1e400"] {
+        let raw = format!(
+            r#"{{"metadata": {{"external_entity_id": "c"}}, "hierarchy": {{"limit_enforcement": "CASCADING", "parent_group_id": null}},
+            "models": [{{"slug": "acme/m", "rate_limits": [{{"type": "TOKEN", "unit": "MINUTE", "threshold": {literal}}}]}}]}}"#
+        );
+        let response = server
+            .http
+            .post(server.url("/v1/gateway/groups"))
+            .header("Authorization", format!("Api-Key {}", server.admin_key))
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        expect_error(
+            response,
+            400,
+            "invalid_payload",
+            "models[0].rate_limits[0].threshold: number out of range",
+        )
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn another_workspaces_endpoint_is_not_a_model() {
     let server = TestServer::start().await;

@@ -796,6 +796,13 @@ async fn management_key_payloads_are_checked() {
     )
     .await;
     expect_error(
+        post(json!({"name": "x", "scope": ["view"]})).await.unwrap(),
+        400,
+        "invalid_payload",
+        "scope: invalid type: sequence, expected `manage` or `view`",
+    )
+    .await;
+    expect_error(
         post(json!({"name": "x"})).await.unwrap(),
         400,
         "invalid_payload",
