@@ -54,6 +54,14 @@ async fn create(
             format!("must be 1..={MAX_SECRET_LEN} bytes"),
         ));
     }
+    // The value is sent upstream as `Authorization: Bearer <value>`, which no control
+    // character may be part of (admin_misc::secret_values_must_fit_an_authorization_header).
+    if body.value.chars().any(char::is_control) {
+        return Err(ApiError::invalid_field(
+            "value",
+            "must not contain control characters (CR, LF, tab, ...)",
+        ));
+    }
     if name_taken(&state, &caller.workspace_id, &body.name).await? {
         return Err(duplicate_name());
     }

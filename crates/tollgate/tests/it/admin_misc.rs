@@ -669,6 +669,32 @@ async fn secret_names_are_unique_bounded_and_printable() {
     );
 }
 
+/// A secret is sent upstream as `Authorization: Bearer <value>`: a value with CR, LF, NUL
+/// or another control character can never form that header, so it is refused when stored
+/// instead of failing every request as "upstream unreachable".
+#[tokio::test]
+async fn secret_values_must_fit_an_authorization_header() {
+    let server = TestServer::start().await;
+    let post = |body: Value| server.post("/v1/gateway/secrets", &body).send();
+    for (i, value) in ["sk-1\r\nX-Injected: 1", "sk-\u{0}1", "sk\t1", "sk-\u{7f}"]
+        .into_iter()
+        .enumerate()
+    {
+        expect_error(
+            post(json!({"name": format!("s{i}"), "value": value}))
+                .await
+                .unwrap(),
+            400,
+            "invalid_payload",
+            "value: must not contain control characters (CR, LF, tab, ...)",
+        )
+        .await;
+    }
+    let listed = ok_json(server.get("/v1/gateway/secrets").send().await.unwrap()).await;
+    assert_eq!(listed["items"], json!([]));
+    create_secret(&server, "printable").await;
+}
+
 #[tokio::test]
 async fn another_workspaces_secret_is_403() {
     let server = TestServer::start().await;
