@@ -14,7 +14,7 @@ use tollgate_store::{Endpoint, NewEndpoint, StoreError};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::fields::{check_text, MAX_TEXT_LEN};
-use crate::json::{present, StrictJson};
+use crate::json::{patch_field, present, StrictJson};
 use crate::network::check_public_url;
 use crate::pagination::{page_json, parse_list_query, NoQuery};
 use crate::params::Path;
@@ -44,8 +44,8 @@ struct CreateEndpoint {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PatchEndpoint {
-    #[serde(default)]
-    targets: Option<Vec<Target>>,
+    #[serde(default, deserialize_with = "patch_field")]
+    targets: Option<Option<Vec<Target>>>,
     #[serde(default, deserialize_with = "present")]
     slug: bool,
     #[serde(default, deserialize_with = "present")]
@@ -186,11 +186,20 @@ async fn update(
             "region: is immutable; only targets can be changed",
         ));
     }
-    let Some(targets) = body.targets else {
-        return Err(ApiError::bad_request(
-            "empty_patch",
-            "Request body changes nothing; send `targets`",
-        ));
+    let targets = match body.targets {
+        Some(Some(targets)) => targets,
+        Some(None) => {
+            return Err(ApiError::invalid_field(
+                "targets",
+                format!("must be a list of 1..={MAX_TARGETS} targets"),
+            ))
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "empty_patch",
+                "Request body changes nothing; send `targets`",
+            ))
+        }
     };
     check_targets(&state, &caller, &targets).await?;
     let endpoint = state

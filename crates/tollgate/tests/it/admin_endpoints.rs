@@ -398,6 +398,18 @@ async fn patch_replaces_targets_only() {
         "Request body changes nothing; send `targets`",
     )
     .await;
+    // `null` was sent: the caller asked for a change, so this is not an empty PATCH.
+    expect_error(
+        server
+            .patch(&path, &json!({"targets": null}))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_payload",
+        "targets: must be a list of 1..=8 targets",
+    )
+    .await;
     expect_error(
         server
             .patch(&path, &json!({"targets": []}))
