@@ -185,10 +185,12 @@ async fn list(
     Path(group_id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let query = parse_list_query(raw.as_deref(), &[])?;
+    // Each group's keys are a list of their own.
+    let list = format!("api_keys/{group_id}");
+    let query = parse_list_query(raw.as_deref(), &list, &[])?;
     owned_group(&state, &caller, &group_id).await?;
     let page = state.store.list_api_keys(&group_id, query.page).await?;
-    Ok(Json(page_json(page, |k| key_json(&k))))
+    Ok(Json(page_json(&list, page, |k| key_json(&k))))
 }
 
 async fn read(

@@ -138,12 +138,12 @@ async fn list(
     caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let query = parse_list_query(raw.as_deref(), &[])?;
+    let query = parse_list_query(raw.as_deref(), "endpoints", &[])?;
     let page = state
         .store
         .list_endpoints(&caller.workspace_id, query.page)
         .await?;
-    Ok(Json(page_json(page, |e| endpoint_json(&e))))
+    Ok(Json(page_json("endpoints", page, |e| endpoint_json(&e))))
 }
 
 async fn owned_endpoint(state: &AdminState, caller: &Caller, id: &str) -> ApiResult<Endpoint> {

@@ -219,7 +219,11 @@ async fn list(
     caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let mut query = parse_list_query(raw.as_deref(), &["external_entity_id", "parent_group_id"])?;
+    let mut query = parse_list_query(
+        raw.as_deref(),
+        "groups",
+        &["external_entity_id", "parent_group_id"],
+    )?;
     let filter = GroupFilter {
         external_entity_id: query.filters.remove("external_entity_id"),
         parent_group_id: query.filters.remove("parent_group_id"),
@@ -254,7 +258,7 @@ async fn list(
         items: chains,
         next_after: page.next_after,
     };
-    Ok(Json(page_json(page, |chain| group_json(&chain))))
+    Ok(Json(page_json("groups", page, |chain| group_json(&chain))))
 }
 
 async fn read(

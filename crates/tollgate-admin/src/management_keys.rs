@@ -78,12 +78,12 @@ async fn list(
     caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let query = parse_list_query(raw.as_deref(), &[])?;
+    let query = parse_list_query(raw.as_deref(), "management_keys", &[])?;
     let page = state
         .store
         .list_management_keys(&caller.workspace_id, query.page)
         .await?;
-    Ok(Json(page_json(page, |k| key_json(&k))))
+    Ok(Json(page_json("management_keys", page, |k| key_json(&k))))
 }
 
 /// Revoking the key making the call is allowed (key rotation ends that way).

@@ -1,8 +1,9 @@
 //! Query strings: list paging (`limit`, `cursor`) and the refusal of anything unknown.
 //!
-//! A cursor is the URL-safe base64 (no padding) of the store's sequence number of the
-//! last row returned — opaque to callers, keyset-based underneath, so a walk over all
-//! pages never repeats or skips a row that existed for the whole walk. Every route
+//! A cursor is the URL-safe base64 (no padding) of `<list>:<sequence number of the last
+//! row returned>` — opaque to callers, keyset-based underneath, so a walk over all pages
+//! never repeats or skips a row that existed for the whole walk. The list name makes a
+//! cursor handed to another list a 400 instead of a page that silently skips rows. Every route
 //! refuses query parameters it does not know (400), so a misspelt filter never silently
 //! returns everything.
 
@@ -28,9 +29,11 @@ pub struct ListQuery {
     pub filters: BTreeMap<&'static str, String>,
 }
 
-/// Parses a list route's query string; `filters` are the extra names the route accepts.
+/// Parses a list route's query string; `list` names the list (as given to [`page_json`]),
+/// `filters` are the extra names the route accepts.
 pub fn parse_list_query(
     raw: Option<&str>,
+    list: &str,
     filters: &[&'static str],
 ) -> Result<ListQuery, ApiError> {
     let mut limit = None;
@@ -39,7 +42,7 @@ pub fn parse_list_query(
     for (name, value) in pairs(raw) {
         let seen = match name.as_str() {
             "limit" => limit.replace(parse_limit(&value)?).is_some(),
-            "cursor" => cursor.replace(parse_cursor(&value)?).is_some(),
+            "cursor" => cursor.replace(parse_cursor(list, &value)?).is_some(),
             other => match filters.iter().find(|f| **f == other) {
                 Some(known) => values.insert(*known, value).is_some(),
                 None => return Err(unknown_parameter(other, filters)),
@@ -93,29 +96,41 @@ fn parse_limit(value: &str) -> Result<u32, ApiError> {
 }
 
 /// An empty cursor means the first page (convenient for shell loops); anything else
-/// must be a cursor this API handed out.
-fn parse_cursor(value: &str) -> Result<Option<i64>, ApiError> {
+/// must be a cursor this API handed out for `list`.
+fn parse_cursor(list: &str, value: &str) -> Result<Option<i64>, ApiError> {
     if value.is_empty() {
         return Ok(None);
     }
     let malformed = || ApiError::bad_request("invalid_cursor", "cursor: malformed cursor");
     let bytes = URL_SAFE_NO_PAD.decode(value).map_err(|_| malformed())?;
-    let array: [u8; 8] = bytes.try_into().map_err(|_| malformed())?;
-    Ok(Some(i64::from_be_bytes(array)))
+    let text = String::from_utf8(bytes).map_err(|_| malformed())?;
+    let (from, after) = text.rsplit_once(':').ok_or_else(malformed)?;
+    let after: i64 = match after.parse() {
+        Ok(n) if n >= 0 && !after.starts_with('+') => n,
+        _ => return Err(malformed()),
+    };
+    if from != list {
+        return Err(ApiError::bad_request(
+            "invalid_cursor",
+            "cursor: belongs to another list",
+        ));
+    }
+    Ok(Some(after))
 }
 
-pub fn encode_cursor(after: i64) -> String {
-    URL_SAFE_NO_PAD.encode(after.to_be_bytes())
+pub fn encode_cursor(list: &str, after: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{list}:{after}"))
 }
 
-/// `{"items": [...], "pagination": {"has_more", "cursor"}}`.
-pub fn page_json<T, U: Serialize>(page: Page<T>, render: impl FnMut(T) -> U) -> Value {
+/// `{"items": [...], "pagination": {"has_more", "cursor"}}`; `list` names the list in
+/// the cursor.
+pub fn page_json<T, U: Serialize>(list: &str, page: Page<T>, render: impl FnMut(T) -> U) -> Value {
     let items: Vec<U> = page.items.into_iter().map(render).collect();
     json!({
         "items": items,
         "pagination": {
             "has_more": page.next_after.is_some(),
-            "cursor": page.next_after.map(encode_cursor),
+            "cursor": page.next_after.map(|after| encode_cursor(list, after)),
         }
     })
 }
@@ -146,18 +161,19 @@ mod tests {
     use super::*;
 
     fn message(raw: &str) -> (&'static str, String) {
-        let e = parse_list_query(Some(raw), &["external_entity_id"]).unwrap_err();
+        let e = parse_list_query(Some(raw), "groups", &["external_entity_id"]).unwrap_err();
         assert_eq!(e.status(), axum::http::StatusCode::BAD_REQUEST);
         (e.code(), e.message().to_owned())
     }
 
     #[test]
     fn defaults_and_filters() {
-        let q = parse_list_query(None, &[]).unwrap();
+        let q = parse_list_query(None, "groups", &[]).unwrap();
         assert_eq!(q.page.limit, 100);
         assert_eq!(q.page.after, None);
         let q = parse_list_query(
             Some("limit=1000&external_entity_id=cust%2042&cursor="),
+            "groups",
             &["external_entity_id"],
         )
         .unwrap();
@@ -188,14 +204,29 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
-        let cursor = encode_cursor(42);
-        let q = parse_list_query(Some(&format!("cursor={cursor}")), &[]).unwrap();
+        let cursor = encode_cursor("groups", 42);
+        let q = parse_list_query(Some(&format!("cursor={cursor}")), "groups", &[]).unwrap();
         assert_eq!(q.page.after, Some(42));
         assert_eq!(
             message("cursor=!!!"),
             ("invalid_cursor", "cursor: malformed cursor".to_owned())
         );
         assert_eq!(message("cursor=AAAA").0, "invalid_cursor");
+        for forged in ["groups:-1", "groups:+1", "groups:", "groups", "groups:1x"] {
+            let cursor = URL_SAFE_NO_PAD.encode(forged);
+            assert_eq!(
+                message(&format!("cursor={cursor}")),
+                ("invalid_cursor", "cursor: malformed cursor".to_owned()),
+                "{forged}"
+            );
+        }
+        assert_eq!(
+            message(&format!("cursor={}", encode_cursor("secrets", 42))),
+            (
+                "invalid_cursor",
+                "cursor: belongs to another list".to_owned()
+            )
+        );
     }
 
     #[test]

@@ -118,12 +118,12 @@ async fn list(
     caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    let query = parse_list_query(raw.as_deref(), &[])?;
+    let query = parse_list_query(raw.as_deref(), "secrets", &[])?;
     let page = state
         .store
         .list_secrets(&caller.workspace_id, query.page)
         .await?;
-    Ok(Json(page_json(page, |s| secret_json(&s))))
+    Ok(Json(page_json("secrets", page, |s| secret_json(&s))))
 }
 
 /// A live secret of the caller's workspace (404 absent or deleted, 403 another's).

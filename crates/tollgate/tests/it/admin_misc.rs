@@ -529,6 +529,75 @@ async fn paging_is_stable_while_rows_change() {
     assert_eq!(pages, 4);
 }
 
+/// A cursor is only good on the list that issued it: on another list it would silently
+/// skip that list's first rows.
+#[tokio::test]
+async fn cursors_only_work_on_the_list_that_issued_them() {
+    let server = TestServer::start().await;
+    for name in ["a", "b"] {
+        create_secret(&server, name).await;
+        server.create_endpoint(&format!("acme/{name}"), "m").await;
+    }
+    let mut groups = Vec::new();
+    for ext in ["g1", "g2"] {
+        let group = server
+            .group(ext, "INDEPENDENT", None, json!([{"slug": "acme/a"}]))
+            .await;
+        server.create_key(&group).await;
+        server.create_key(&group).await;
+        groups.push(group);
+    }
+    let cursor_of = |path: String| {
+        let server = &server;
+        async move {
+            let page = ok_json(server.get(&path).send().await.unwrap()).await;
+            page["pagination"]["cursor"].as_str().unwrap().to_owned()
+        }
+    };
+    let secrets = cursor_of("/v1/gateway/secrets?limit=1".into()).await;
+    let g1_keys = cursor_of(format!("/v1/gateway/groups/{}/api_keys?limit=1", groups[0])).await;
+    for (path, cursor) in [
+        ("/v1/gateway/endpoints".to_owned(), &secrets),
+        ("/v1/gateway/groups".to_owned(), &secrets),
+        ("/v1/gateway/management_keys".to_owned(), &secrets),
+        (format!("/v1/gateway/groups/{}/api_keys", groups[0]), &secrets),
+        (format!("/v1/gateway/groups/{}/api_keys", groups[1]), &g1_keys),
+    ] {
+        expect_error(
+            server
+                .get(&format!("{path}?cursor={cursor}"))
+                .send()
+                .await
+                .unwrap(),
+            400,
+            "invalid_cursor",
+            "cursor: belongs to another list",
+        )
+        .await;
+    }
+    let next = ok_json(
+        server
+            .get(&format!("/v1/gateway/secrets?limit=1&cursor={secrets}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(next["items"][0]["name"], "b");
+    let next = ok_json(
+        server
+            .get(&format!(
+                "/v1/gateway/groups/{}/api_keys?cursor={g1_keys}",
+                groups[0]
+            ))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(next["items"].as_array().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn an_empty_list_has_no_cursor() {
     let server = TestServer::start().await;
