@@ -560,8 +560,14 @@ async fn cursors_only_work_on_the_list_that_issued_them() {
         ("/v1/gateway/endpoints".to_owned(), &secrets),
         ("/v1/gateway/groups".to_owned(), &secrets),
         ("/v1/gateway/management_keys".to_owned(), &secrets),
-        (format!("/v1/gateway/groups/{}/api_keys", groups[0]), &secrets),
-        (format!("/v1/gateway/groups/{}/api_keys", groups[1]), &g1_keys),
+        (
+            format!("/v1/gateway/groups/{}/api_keys", groups[0]),
+            &secrets,
+        ),
+        (
+            format!("/v1/gateway/groups/{}/api_keys", groups[1]),
+            &g1_keys,
+        ),
     ] {
         expect_error(
             server
