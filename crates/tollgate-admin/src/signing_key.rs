@@ -28,7 +28,8 @@ struct SetSigningKey {
 }
 
 /// Decodes a base64 raw 32-byte Ed25519 public key, refusing bytes that are not a point
-/// on the curve.
+/// on the curve and small-order points, under which `verify_strict` (what registration
+/// uses) accepts no signature at all.
 fn decode_public_key(text: &str) -> Result<[u8; 32], ApiError> {
     let invalid = |why: &str| ApiError::invalid_field("public_key", why);
     let bytes = STANDARD
@@ -37,7 +38,13 @@ fn decode_public_key(text: &str) -> Result<[u8; 32], ApiError> {
     let raw: [u8; 32] = bytes
         .try_into()
         .map_err(|_| invalid("must be a raw 32-byte Ed25519 public key"))?;
-    VerifyingKey::from_bytes(&raw).map_err(|_| invalid("is not a valid Ed25519 public key"))?;
+    let key =
+        VerifyingKey::from_bytes(&raw).map_err(|_| invalid("is not a valid Ed25519 public key"))?;
+    if key.is_weak() {
+        return Err(invalid(
+            "is a weak (small-order) Ed25519 key under which no signature verifies",
+        ));
+    }
     Ok(raw)
 }
 
@@ -83,6 +90,11 @@ mod tests {
         assert_eq!(
             e.message(),
             "public_key: must be a raw 32-byte Ed25519 public key"
+        );
+        let e = decode_public_key(&STANDARD.encode([0_u8; 32])).unwrap_err();
+        assert_eq!(
+            e.message(),
+            "public_key: is a weak (small-order) Ed25519 key under which no signature verifies"
         );
         let e = decode_public_key("not base64!").unwrap_err();
         assert_eq!(e.message(), "public_key: must be standard base64");

@@ -1025,6 +1025,23 @@ async fn signing_key_is_a_raw_32_byte_ed25519_key_in_base64() {
         "public_key: invalid type: integer `12`, expected a string",
     )
     .await;
+    // Small-order points (all zeros, the identity) decode, but registration verifies
+    // strictly and no signature would ever pass: refused when set, not at first use.
+    let mut identity = [0_u8; 32];
+    identity[0] = 1;
+    for weak in [[0_u8; 32], identity] {
+        expect_error(
+            put(json!({"public_key": b64.encode(weak)})).await.unwrap(),
+            400,
+            "invalid_payload",
+            "public_key: is a weak (small-order) Ed25519 key under which no signature verifies",
+        )
+        .await;
+    }
+    assert_eq!(
+        ok_json(server.get("/v1/gateway/signing_key").send().await.unwrap()).await,
+        json!({"public_key": encoded})
+    );
 }
 
 // --- OpenAPI --------------------------------------------------------------------------
