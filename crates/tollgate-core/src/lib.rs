@@ -14,6 +14,7 @@ pub mod keys;
 pub mod limits;
 pub mod secretbox;
 pub mod slug;
+pub mod window;
 
 pub use clock::{Clock, SystemClock, Timestamp};
 pub use group::{Group, ModelAccess};
