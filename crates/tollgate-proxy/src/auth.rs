@@ -23,11 +23,14 @@ pub struct Caller {
     pub external_entity_id: String,
 }
 
-/// The presented key, or why the header cannot carry one.
+/// The presented key, or why the header cannot carry one. Two `Authorization` headers
+/// are refused: which one counts would depend on who reads them.
 pub fn presented_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(ProxyError::MissingKey)?;
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().ok_or(ProxyError::MissingKey)?;
+    if values.next().is_some() {
+        return Err(ProxyError::AmbiguousKey);
+    }
     let text = value.to_str().map_err(|_| ProxyError::MalformedKey)?;
     parse_authorization(text).ok_or(ProxyError::MalformedKey)
 }
@@ -79,6 +82,16 @@ mod tests {
             presented_key(&headers(b"Api-Key tg_abc.def")).unwrap(),
             "tg_abc.def"
         );
+    }
+
+    #[test]
+    fn two_authorization_headers_are_refused() {
+        let mut two = headers(b"Bearer tg_abc.def");
+        two.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tg_abc.def"),
+        );
+        assert!(matches!(presented_key(&two), Err(ProxyError::AmbiguousKey)));
     }
 
     #[test]

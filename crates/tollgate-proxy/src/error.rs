@@ -16,6 +16,8 @@ pub enum ProxyError {
     MissingKey,
     #[error("The Authorization header must be 'Bearer <key>' or 'Api-Key <key>'.")]
     MalformedKey,
+    #[error("Send exactly one Authorization header.")]
+    AmbiguousKey,
     /// Unknown, revoked, of a deleted group, or of a disabled workspace: one answer.
     #[error("Incorrect API key provided.")]
     InvalidKey,
@@ -34,6 +36,9 @@ pub enum ProxyError {
     UpstreamUnreachable,
     #[error("The model server sent no response within {} s.", .0.as_secs_f64())]
     UpstreamTimeout(Duration),
+    /// The upstream refused the gateway's credentials (its status: 401 or 403).
+    #[error("The model server refused the gateway's credentials.")]
+    UpstreamAuthFailed(u16),
     /// The upstream answered something the gateway cannot pass on (a redirect, a body
     /// over the size bound).
     #[error("The model server sent an invalid response.")]
@@ -53,15 +58,16 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::MissingKey | ProxyError::MalformedKey | ProxyError::InvalidKey => {
-                StatusCode::UNAUTHORIZED
-            }
+            ProxyError::MissingKey
+            | ProxyError::MalformedKey
+            | ProxyError::AmbiguousKey
+            | ProxyError::InvalidKey => StatusCode::UNAUTHORIZED,
             ProxyError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::UpstreamUnreachable | ProxyError::UpstreamInvalid => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::UpstreamUnreachable
+            | ProxyError::UpstreamAuthFailed(_)
+            | ProxyError::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -70,14 +76,16 @@ impl ProxyError {
     /// `(type, code)` of the OpenAI error object.
     fn kind(&self) -> (&'static str, &'static str) {
         match self {
-            ProxyError::MissingKey | ProxyError::MalformedKey | ProxyError::InvalidKey => {
-                ("invalid_request_error", "invalid_api_key")
-            }
+            ProxyError::MissingKey
+            | ProxyError::MalformedKey
+            | ProxyError::AmbiguousKey
+            | ProxyError::InvalidKey => ("invalid_request_error", "invalid_api_key"),
             ProxyError::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
             ProxyError::BadRequest { .. } => ("invalid_request_error", "invalid_request_error"),
             ProxyError::PayloadTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             ProxyError::UpstreamUnreachable => ("upstream_error", "upstream_unreachable"),
             ProxyError::UpstreamTimeout(_) => ("upstream_error", "upstream_timeout"),
+            ProxyError::UpstreamAuthFailed(_) => ("upstream_error", "upstream_auth_failed"),
             ProxyError::UpstreamInvalid => ("upstream_error", "upstream_invalid_response"),
             ProxyError::Internal(_) => ("server_error", "internal_error"),
         }
@@ -88,6 +96,13 @@ impl ProxyError {
         match &self {
             ProxyError::Internal(context) => {
                 tracing::error!(request_id, error = %context, "data-plane request failed");
+            }
+            ProxyError::UpstreamAuthFailed(status) => {
+                tracing::warn!(
+                    request_id,
+                    upstream_status = status,
+                    "the model server refused the target's secret; check the endpoint's secret_id"
+                );
             }
             ProxyError::UpstreamUnreachable
             | ProxyError::UpstreamTimeout(_)
@@ -161,6 +176,7 @@ mod tests {
         for error in [
             ProxyError::MissingKey,
             ProxyError::MalformedKey,
+            ProxyError::AmbiguousKey,
             ProxyError::InvalidKey,
         ] {
             let (status, body) = parts(error).await;

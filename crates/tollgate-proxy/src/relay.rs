@@ -1,16 +1,17 @@
 //! Turning the upstream's answer into the client's.
 //!
 //! The upstream status is known before the client's: an error status is answered with
-//! that status and the upstream's body (JSON as is, anything else wrapped in the OpenAI
-//! error shape), never as a 200 stream. A complete 2xx body is metered and committed
-//! before it is answered; an event stream goes through the metered body.
+//! that status and the upstream's body (OpenAI-shaped bodies as they are, any other shape
+//! wrapped in it), never as a 200 stream. An upstream 401/403 refuses the gateway's own
+//! credentials, not the caller's: it is a 502. A complete 2xx body is metered and
+//! committed before it is answered; an event stream goes through the metered body.
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use serde::de::IgnoredAny;
+use serde_json::Value;
 use tollgate_store::UsageStatus;
 
 use crate::error::{error_response, ProxyError};
@@ -37,6 +38,11 @@ pub async fn relay(
     meter: Meter,
 ) -> Result<Response, ProxyError> {
     let status = upstream.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        // The target's secret is wrong or lacks access: the operator's to fix. Passing the
+        // 401 on would tell the caller its own key was refused.
+        return Err(ProxyError::UpstreamAuthFailed(status.as_u16()));
+    }
     if !status.is_success() {
         if status.is_client_error() || status.is_server_error() {
             return Ok(error_status(upstream).await);
@@ -80,7 +86,7 @@ async fn error_status(upstream: reqwest::Response) -> Response {
     let body = read_capped(upstream, MAX_ERROR_BODY)
         .await
         .unwrap_or_default();
-    let mut response = if serde_json::from_slice::<IgnoredAny>(&body).is_ok() {
+    let mut response = if is_openai_error(&body) {
         (
             status,
             [(
@@ -91,12 +97,12 @@ async fn error_status(upstream: reqwest::Response) -> Response {
         )
             .into_response()
     } else {
-        let text = String::from_utf8_lossy(&body);
-        let text = text.trim();
-        let message = if text.is_empty() {
+        let message = upstream_message(&body);
+        let message = truncate_chars(message.trim(), MAX_WRAPPED_TEXT);
+        let message = if message.is_empty() {
             format!("The model server answered {}.", status.as_u16())
         } else {
-            truncate_chars(text, MAX_WRAPPED_TEXT).to_owned()
+            message.to_owned()
         };
         error_response(
             status,
@@ -112,6 +118,27 @@ async fn error_status(upstream: reqwest::Response) -> Response {
             .insert(header::RETRY_AFTER, retry_after);
     }
     response
+}
+
+/// `{"error": {...}}`: the OpenAI shape, passed on as it is.
+fn is_openai_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body)
+        .is_ok_and(|value| value.get("error").is_some_and(Value::is_object))
+}
+
+/// The human message of an error body in any other shape: vLLM's flat `message`, TGI's
+/// `{"error": "<text>"}`, FastAPI's `detail` (a string, or its JSON when structured);
+/// else the body's text.
+fn upstream_message(body: &[u8]) -> String {
+    let value = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
+    let found = ["message", "error", "detail"]
+        .iter()
+        .find_map(|name| match value.get(name)? {
+            Value::String(text) => Some(text.clone()),
+            Value::Null => None,
+            other => Some(other.to_string()),
+        });
+    found.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
 }
 
 fn truncate_chars(text: &str, max: usize) -> &str {
@@ -183,6 +210,38 @@ fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_error_object_is_the_openai_shape() {
+        assert!(is_openai_error(br#"{"error":{"message":"m","code":400}}"#));
+        assert!(!is_openai_error(br#"{"error":"m"}"#));
+        assert!(!is_openai_error(br#"{"object":"error","message":"m"}"#));
+        assert!(!is_openai_error(b"[1]"));
+        assert!(!is_openai_error(b"oops"));
+    }
+
+    #[test]
+    fn the_message_of_every_other_shape_is_kept() {
+        assert_eq!(
+            upstream_message(br#"{"object":"error","message":"flat","code":400}"#),
+            "flat"
+        );
+        assert_eq!(
+            upstream_message(br#"{"error":"tgi","error_type":"validation"}"#),
+            "tgi"
+        );
+        assert_eq!(upstream_message(br#"{"detail":"fastapi"}"#), "fastapi");
+        assert_eq!(
+            upstream_message(br#"{"detail":[{"loc":["body"],"msg":"bad"}]}"#),
+            r#"[{"loc":["body"],"msg":"bad"}]"#
+        );
+        assert_eq!(
+            upstream_message(br#"{"detail":null}"#),
+            r#"{"detail":null}"#
+        );
+        assert_eq!(upstream_message(b"plain text"), "plain text");
+        assert_eq!(upstream_message(b"\xff"), "\u{fffd}");
+    }
 
     #[test]
     fn wrapped_text_is_cut_on_a_character_boundary() {

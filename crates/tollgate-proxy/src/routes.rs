@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -12,7 +12,7 @@ use tollgate_core::ids::{new_id, IdKind, RequestId};
 
 use crate::auth::authenticate;
 use crate::entitlement::entitlement;
-use crate::error::ProxyError;
+use crate::error::{error_response, ProxyError};
 use crate::metering::{prompt_estimate, EventContext, Meter};
 use crate::models::callable_models;
 use crate::relay::{relay, Shape};
@@ -34,11 +34,32 @@ pub fn router(state: ProxyState) -> Router {
         health: Arc::new(TargetHealth::default()),
     };
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/models", get(list_models))
+        .route(
+            "/v1/chat/completions",
+            post(chat_completions).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/completions",
+            post(completions).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/embeddings",
+            post(embeddings).fallback(method_not_allowed),
+        )
+        .route("/v1/models", get(list_models).fallback(method_not_allowed))
         .with_state(plane)
+}
+
+/// Another method on a data route: 405 in the OpenAI error shape (axum adds `Allow`).
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let message = format!("Method {method} is not allowed on {}.", uri.path());
+    error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &message,
+        "invalid_request_error",
+        None,
+        Some("method_not_allowed"),
+    )
 }
 
 async fn chat_completions(State(plane): State<DataPlane>, request: Request) -> Response {

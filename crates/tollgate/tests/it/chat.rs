@@ -925,7 +925,7 @@ async fn an_upstream_429_is_a_429_with_its_retry_after_and_no_stream() {
 }
 
 #[tokio::test]
-async fn upstream_error_bodies_pass_as_json_or_are_wrapped() {
+async fn upstream_error_bodies_are_openai_shaped_or_wrapped() {
     let plane = Plane::start("echo?status=400&error_shape=flat").await;
     let response = plane
         .call("/v1/chat/completions", &chat_body(false))
@@ -934,8 +934,15 @@ async fn upstream_error_bodies_pass_as_json_or_are_wrapped() {
         .unwrap();
     let (status, body) = status_json(response).await;
     assert_eq!(status, 400);
-    assert_eq!(body["object"], "error");
-    assert_eq!(body["message"], "mock upstream: scripted status 400");
+    assert_eq!(
+        body,
+        json!({"error": {
+            "message": "mock upstream: scripted status 400",
+            "type": "upstream_error",
+            "param": null,
+            "code": "upstream_error",
+        }})
+    );
 
     let plane = Plane::start("echo?status=500&error_shape=text").await;
     let response = plane
