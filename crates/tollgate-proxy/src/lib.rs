@@ -27,7 +27,8 @@ pub use upstream::http_client;
 pub struct ProxyConfig {
     /// `TOLLGATE_MAX_BODY_BYTES`, default 10 MiB.
     pub max_body_bytes: usize,
-    /// Time allowed for an upstream's response headers, default 60 s.
+    /// Time allowed for an upstream's response headers, default 60 s; also the longest
+    /// silence allowed between two reads of its body (a stalled stream ends there).
     pub first_byte_timeout: Duration,
 }
 

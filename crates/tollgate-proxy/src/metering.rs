@@ -3,14 +3,17 @@
 //!
 //! Streams pass through [`MeteredBody`], which forwards upstream chunks as they arrive
 //! (through the usage tap), holds back only the `[DONE]` event and the end of the body,
-//! commits the event, then releases them. If the client goes away first, the body is
-//! dropped: dropping it closes the upstream request, and the drop hook records the event
-//! as `client_cancelled` from what the tap saw. [`record`] is the one place an event is
-//! stored — the settle point of a request.
+//! commits the event, then releases them. An upstream silent for longer than the idle
+//! bound is treated as ended there (a stall never holds a client forever). If the client
+//! goes away first, the body is dropped: dropping it closes the upstream request, and the
+//! drop hook records the event as `client_cancelled` from what the tap saw (or as
+//! `upstream_error_mid_stream` when the upstream had already sent an error event).
+//! [`record`] is the one place an event is stored — the settle point of a request.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
@@ -248,6 +251,12 @@ pub struct MeteredBody {
     is_done_seen: bool,
     /// The last bytes given to the client or held, to end a cut-off event cleanly.
     tail: Vec<u8>,
+    /// Longest silence allowed between two upstream reads.
+    idle: Duration,
+    /// Fires when the upstream has been silent for `idle`; made on the first wait.
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last poll of the upstream found nothing: `silence` is running.
+    is_waiting: bool,
 }
 
 /// The event appended when the upstream stream breaks off: the client must not take a
@@ -270,8 +279,12 @@ fn event_separator(tail: &[u8]) -> &'static str {
         || tail.ends_with(b"\r\n\r\n");
     if ends_blank {
         ""
-    } else if tail.ends_with(b"\n") || tail.ends_with(b"\r") {
+    } else if tail.ends_with(b"\n") {
         "\n"
+    } else if tail.ends_with(b"\r") {
+        // A lone CR ended the line: an LF after it would join it as one CRLF, not make
+        // the blank line (`a_cut_cr_framed_stream_gets_its_error_event_on_its_own`).
+        "\r"
     } else {
         "\n\n"
     }
@@ -292,10 +305,13 @@ fn split_before_done(mut out: Bytes) -> (Bytes, Bytes) {
 }
 
 impl MeteredBody {
+    /// `idle`: how long the upstream may stay silent before the stream is treated as
+    /// ended there (the configured upstream timeout).
     pub fn new(
         upstream: BoxStream<'static, reqwest::Result<Bytes>>,
         strip_usage_chunk: bool,
         meter: Meter,
+        idle: Duration,
     ) -> Self {
         Self {
             upstream: Some(upstream),
@@ -305,7 +321,27 @@ impl MeteredBody {
             held: BytesMut::new(),
             is_done_seen: false,
             tail: Vec::new(),
+            idle,
+            silence: None,
+            is_waiting: false,
         }
+    }
+
+    /// Whether the upstream has now been silent for the idle bound (registers the wake-up
+    /// otherwise). The bound counts only time spent waiting on the upstream, from the
+    /// first poll that found nothing: a client slow to read does not use it up.
+    fn is_silent_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.idle;
+        let silence = match &mut self.silence {
+            Some(silence) => silence,
+            None => self
+                .silence
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        if !std::mem::replace(&mut self.is_waiting, true) {
+            silence.as_mut().reset(deadline);
+        }
+        std::future::Future::poll(silence.as_mut(), cx).is_ready()
     }
 
     fn note_tail(&mut self, bytes: &[u8]) {
@@ -379,7 +415,25 @@ impl Body for MeteredBody {
                         this.on_upstream_end();
                         continue;
                     };
-                    match ready!(upstream.poll_next_unpin(cx)) {
+                    let next = match upstream.poll_next_unpin(cx) {
+                        Poll::Ready(next) => next,
+                        Poll::Pending => {
+                            if !this.is_silent_too_long(cx) {
+                                return Poll::Pending;
+                            }
+                            if let Some(meter) = &this.meter {
+                                tracing::warn!(
+                                    request_id = %meter.context.request_id,
+                                    idle_secs = this.idle.as_secs_f64(),
+                                    "upstream stream went silent; ending it"
+                                );
+                            }
+                            this.on_upstream_end();
+                            continue;
+                        }
+                    };
+                    this.is_waiting = false;
+                    match next {
                         Some(Ok(chunk)) => {
                             let now = this.on_chunk(chunk);
                             if !now.is_empty() {
@@ -447,8 +501,15 @@ impl Drop for MeteredBody {
             return;
         }
         let tokens = Metered::of_stream(&summary, meter.context.prompt_estimate);
+        // An error event already decided the request's fate; the client leaving after it
+        // (as SDKs do on an error event) does not make it a cancellation.
+        let status = if summary.end == StreamEnd::ErrorEvent {
+            UsageStatus::UpstreamErrorMidStream
+        } else {
+            UsageStatus::ClientCancelled
+        };
         // The write runs on its own task; nobody waits for it.
-        let _detached = meter.spawn_record(UsageStatus::ClientCancelled, tokens);
+        let _detached = meter.spawn_record(status, tokens);
     }
 }
 
@@ -566,6 +627,8 @@ mod tests {
         assert_eq!(event_separator(b"}\n\n"), "");
         assert_eq!(event_separator(b"\r\n\r\n"), "");
         assert_eq!(event_separator(b"}\n"), "\n");
+        assert_eq!(event_separator(b"}\r\n"), "\n");
+        assert_eq!(event_separator(b"}\r"), "\r");
         assert_eq!(event_separator(b"{\"a"), "\n\n");
         let event = truncation_event();
         let json = event
@@ -612,8 +675,15 @@ mod tests {
     }
 
     fn body(meter: Meter, strip: bool) -> (MeteredBody, Upstream) {
+        body_idle(meter, strip, Duration::from_secs(60))
+    }
+
+    fn body_idle(meter: Meter, strip: bool, idle: Duration) -> (MeteredBody, Upstream) {
         let (sender, receiver) = mpsc::unbounded();
-        (MeteredBody::new(receiver.boxed(), strip, meter), sender)
+        (
+            MeteredBody::new(receiver.boxed(), strip, meter, idle),
+            sender,
+        )
     }
 
     fn send(upstream: &Upstream, text: &str) {
@@ -745,6 +815,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cut_cr_framed_stream_gets_its_error_event_on_its_own() {
+        let (meter, _store) = meter().await;
+        let (mut body, upstream) = body(meter, false);
+        let line = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\r";
+        send(&upstream, line);
+        drop(upstream);
+        let mut text = String::new();
+        while let Some(piece) = next_text(&mut body).await {
+            text.push_str(&piece);
+        }
+        // CR ends the data line, the second CR is the blank line that dispatches it.
+        assert_eq!(text, format!("{line}\r{}", truncation_event()));
+    }
+
+    #[tokio::test]
     async fn a_stream_that_opens_with_an_error_is_not_billed() {
         let (meter, store) = meter().await;
         let (mut body, upstream) = body(meter, false);
@@ -775,5 +860,81 @@ mod tests {
         assert!(guard.disarm().is_some());
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(events(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_silent_upstream_is_ended_after_the_idle_bound_and_billed_as_cut() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body_idle(meter, false, Duration::from_millis(100));
+        send(&upstream, CONTENT);
+        assert_eq!(next_text(&mut body).await.unwrap(), CONTENT);
+        // Bytes keep the stream alive: three reads 60 ms apart outlast the 100 ms bound.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            send(&upstream, CONTENT);
+            assert_eq!(next_text(&mut body).await.unwrap(), CONTENT);
+        }
+        let started = tokio::time::Instant::now();
+        assert_eq!(next_text(&mut body).await.unwrap(), truncation_event());
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!(next_text(&mut body).await.is_none());
+        assert!(upstream.is_closed(), "the silent upstream must be dropped");
+        let stored = events(&store).await;
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].status, UsageStatus::UpstreamErrorMidStream);
+        assert_eq!((stored[0].input_tokens, stored[0].output_tokens), (11, 4));
+    }
+
+    #[tokio::test]
+    async fn time_the_client_takes_to_read_is_not_upstream_silence() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body_idle(meter, false, Duration::from_millis(100));
+        send(&upstream, CONTENT);
+        assert_eq!(next_text(&mut body).await.unwrap(), CONTENT);
+        // The client reads again only after 150 ms; the upstream answers 50 ms later.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let late = upstream.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            send(&late, &format!("{FINISH}{USAGE}data: [DONE]\n\n"));
+            late.close_channel();
+        });
+        let mut text = String::new();
+        while let Some(piece) = next_text(&mut body).await {
+            text.push_str(&piece);
+        }
+        assert_eq!(text, format!("{FINISH}{USAGE}data: [DONE]\n\n"));
+        assert_eq!(events(&store).await[0].status, UsageStatus::Completed);
+    }
+
+    #[tokio::test]
+    async fn an_error_event_then_silence_ends_without_a_second_error() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body_idle(meter, false, Duration::from_millis(100));
+        let error = "data: {\"error\":{\"message\":\"m\"}}\n\n";
+        send(&upstream, &format!("{CONTENT}{error}"));
+        assert_eq!(
+            next_text(&mut body).await.unwrap(),
+            format!("{CONTENT}{error}")
+        );
+        assert!(next_text(&mut body).await.is_none());
+        let stored = events(&store).await;
+        assert_eq!(stored[0].status, UsageStatus::UpstreamErrorMidStream);
+        assert_eq!((stored[0].input_tokens, stored[0].output_tokens), (11, 1));
+        drop(upstream);
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_after_an_error_event_is_billed_as_the_upstream_error() {
+        let (meter, store) = meter().await;
+        let (mut body, upstream) = body(meter, false);
+        send(&upstream, CONTENT);
+        send(&upstream, "data: {\"error\":{\"message\":\"m\"}}\n\n");
+        next_text(&mut body).await.unwrap();
+        next_text(&mut body).await.unwrap();
+        drop(body);
+        let stored = wait_for_events(&store).await;
+        assert_eq!(stored[0].status, UsageStatus::UpstreamErrorMidStream);
+        assert_eq!((stored[0].input_tokens, stored[0].output_tokens), (11, 1));
     }
 }

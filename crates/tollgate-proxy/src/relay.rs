@@ -6,6 +6,8 @@
 //! credentials, not the caller's: it is a 502. A complete 2xx body is metered and
 //! committed before it is answered; an event stream goes through the metered body.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -32,10 +34,12 @@ pub struct Shape {
     pub strip_usage_chunk: bool,
 }
 
+/// `idle`: the longest silence allowed between two reads of the upstream's body.
 pub async fn relay(
     upstream: reqwest::Response,
     shape: Shape,
     meter: Meter,
+    idle: Duration,
 ) -> Result<Response, ProxyError> {
     let status = upstream.status();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -45,7 +49,7 @@ pub async fn relay(
     }
     if !status.is_success() {
         if status.is_client_error() || status.is_server_error() {
-            return Ok(error_status(upstream).await);
+            return Ok(error_status(upstream, idle).await);
         }
         return Err(ProxyError::UpstreamInvalid);
     }
@@ -59,31 +63,48 @@ pub async fn relay(
                 .starts_with("text/event-stream")
         });
     if is_event_stream {
-        return Ok(stream(upstream, status, content_type, shape, meter));
+        return Ok(stream(upstream, status, content_type, shape, meter, idle));
     }
-    complete(upstream, status, content_type, meter).await
+    complete(upstream, status, content_type, meter, idle).await
 }
 
-/// Reads at most `cap` bytes; `Err(true)` when the body is longer, `Err(false)` when it
-/// broke off.
-async fn read_capped(upstream: reqwest::Response, cap: usize) -> Result<Bytes, bool> {
+/// Why a complete body could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadFailure {
+    TooLong,
+    BrokenOff,
+    /// No byte for the idle bound.
+    Silent,
+}
+
+/// Reads at most `cap` bytes, waiting at most `idle` for each read.
+async fn read_capped(
+    upstream: reqwest::Response,
+    cap: usize,
+    idle: Duration,
+) -> Result<Bytes, ReadFailure> {
     let mut body = BytesMut::new();
     let mut chunks = upstream.bytes_stream();
-    while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|_| false)?;
+    loop {
+        let next = tokio::time::timeout(idle, chunks.next())
+            .await
+            .map_err(|_| ReadFailure::Silent)?;
+        let Some(chunk) = next else {
+            return Ok(body.freeze());
+        };
+        let chunk = chunk.map_err(|_| ReadFailure::BrokenOff)?;
         if body.len().saturating_add(chunk.len()) > cap {
-            return Err(true);
+            return Err(ReadFailure::TooLong);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
 }
 
 /// An upstream 4xx/5xx, passed on with its status and `Retry-After`.
-async fn error_status(upstream: reqwest::Response) -> Response {
+async fn error_status(upstream: reqwest::Response, idle: Duration) -> Response {
     let status = upstream.status();
     let retry_after = upstream.headers().get(header::RETRY_AFTER).cloned();
-    let body = read_capped(upstream, MAX_ERROR_BODY)
+    let body = read_capped(upstream, MAX_ERROR_BODY, idle)
         .await
         .unwrap_or_default();
     let mut response = if is_openai_error(&body) {
@@ -153,17 +174,16 @@ async fn complete(
     status: StatusCode,
     content_type: Option<HeaderValue>,
     meter: Meter,
+    idle: Duration,
 ) -> Result<Response, ProxyError> {
     // Bills the request if the client leaves while the body is being read.
     let guard = CancelGuard::new(meter);
-    let read = read_capped(upstream, MAX_COMPLETE_BODY).await;
+    let read = read_capped(upstream, MAX_COMPLETE_BODY, idle).await;
     let meter = guard.disarm();
-    let body = read.map_err(|is_too_long| {
-        if is_too_long {
-            ProxyError::UpstreamInvalid
-        } else {
-            ProxyError::UpstreamUnreachable
-        }
+    let body = read.map_err(|failure| match failure {
+        ReadFailure::TooLong => ProxyError::UpstreamInvalid,
+        ReadFailure::BrokenOff => ProxyError::UpstreamUnreachable,
+        ReadFailure::Silent => ProxyError::UpstreamTimeout(idle),
     })?;
     let summary = summarize_body(&body);
     if let Some(meter) = meter.filter(|_| !summary.is_error) {
@@ -185,11 +205,13 @@ fn stream(
     content_type: Option<HeaderValue>,
     shape: Shape,
     meter: Meter,
+    idle: Duration,
 ) -> Response {
     let body = MeteredBody::new(
         upstream.bytes_stream().boxed(),
         shape.strip_usage_chunk,
         meter,
+        idle,
     );
     let content_type = content_type.unwrap_or(HeaderValue::from_static("text/event-stream"));
     (

@@ -167,5 +167,5 @@ async fn proxy(
     let shape = Shape {
         strip_usage_chunk: parsed.is_stream && !parsed.client_wants_usage,
     };
-    relay(upstream, shape, meter).await
+    relay(upstream, shape, meter, state.config.first_byte_timeout).await
 }
