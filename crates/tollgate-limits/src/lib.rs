@@ -15,11 +15,25 @@
 //!    When the upstream failed, [`Limiter::refund`] gives the tokens back; the REQUEST
 //!    admission stays counted. Every reservation is settled or refunded exactly once.
 //!
-//! INTERFACE STUB: types and trait are the contract; implementations live in submodules.
+//! Windows (`tollgate_core::window`): SECOND and MINUTE limits are rolling, to within
+//! 1/10 of the unit; DAY limits count a UTC calendar day and start from the usage already
+//! stored ([`DayBaseline`]), so a restart never resets a customer's day. The token
+//! overshoot this scheme allows is bounded in `docs/limits.md`.
+//!
+//! [`InProcessLimiter`] serves one instance.
+
+mod baseline;
+mod memory;
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tollgate_core::hierarchy::EffectiveLimit;
 use tollgate_core::LimitMode;
+
+pub use baseline::{DayBaseline, NoStoredUsage, StoreBaseline};
+pub use memory::InProcessLimiter;
 
 /// What a request asks of the limiter.
 #[derive(Debug, Clone, Copy)]
@@ -78,22 +92,50 @@ pub struct Reservation {
     pub(crate) estimated_tokens: u64,
 }
 
+impl Reservation {
+    /// The tokens reserved on every TOKEN counter at admission.
+    pub fn estimated_tokens(&self) -> u64 {
+        self.estimated_tokens
+    }
+}
+
+/// One TOKEN counter's part of a reservation (REQUEST debits are never given back).
 #[derive(Debug, Clone)]
 pub(crate) struct Debit {
-    pub(crate) counter: CounterKey,
+    pub(crate) counter: Arc<memory::Counter>,
     /// Window slot (bucket index) debited.
     pub(crate) slot: i64,
-    /// Tokens reserved in that slot (0 for REQUEST counters).
+    /// Tokens reserved in that slot.
     pub(crate) tokens: u64,
 }
 
 /// One counter: a group's count of one (slug, type, unit).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct CounterKey {
     pub group_id: String,
     pub slug: String,
     pub kind: tollgate_core::LimitType,
     pub unit: tollgate_core::LimitUnit,
+}
+
+impl CounterKey {
+    /// The counter `limit` is enforced on.
+    pub fn of(limit: &EffectiveLimit, slug: &str) -> Self {
+        Self {
+            group_id: limit.counter_group.clone(),
+            slug: slug.to_owned(),
+            kind: limit.kind,
+            unit: limit.unit,
+        }
+    }
+}
+
+/// Hashes exactly as [`memory::CounterKeyView`] does, so the map can be searched
+/// without building an owned key.
+impl Hash for CounterKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        memory::hash_counter_key(&self.group_id, &self.slug, self.kind, self.unit, state);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,163 @@
+//! Cost of one admit + settle on the in-process limiter for a request gated by a
+//! 5-level CASCADING chain with 4 limits per level (REQUEST/SECOND, TOKEN/MINUTE,
+//! REQUEST/DAY, TOKEN/DAY: 20 counters), and how it scales to 2 threads on different
+//! groups. Results and the command: `docs/BENCHMARKS.md`.
+
+#![allow(clippy::panic, reason = "benchmark harness")]
+
+use std::future::Future;
+use std::hint::black_box;
+use std::sync::{Arc, Barrier};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tollgate_core::clock::SystemClock;
+use tollgate_core::hierarchy::{limits_for_slug, EffectiveLimit};
+use tollgate_core::limits::MAX_THRESHOLD;
+use tollgate_core::{
+    Group, LimitMode, LimitType, LimitUnit, ModelAccess, RateLimit, Timestamp, UsageLimit,
+};
+use tollgate_limits::{AdmitRequest, Decision, InProcessLimiter, Limiter, NoStoredUsage};
+
+const SLUG: &str = "acme/llama-70b";
+
+/// The in-process limiter never waits once a day's baseline is loaded (and
+/// `NoStoredUsage` never waits at all): one poll finishes the call. Polling directly
+/// measures the limiter, not an executor.
+fn ready<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(output) => output,
+        Poll::Pending => panic!("the in-process limiter waited"),
+    }
+}
+
+/// `[level 5, ..., root]` of a CASCADING tree rooted at `root`, each level declaring the
+/// four limits on `SLUG`; returns the limits gating the deepest group.
+fn chain_limits(root: &str) -> Vec<EffectiveLimit> {
+    let model = ModelAccess {
+        slug: SLUG.into(),
+        rate_limits: vec![
+            RateLimit {
+                kind: LimitType::Request,
+                unit: LimitUnit::Second,
+                threshold: MAX_THRESHOLD,
+            },
+            RateLimit {
+                kind: LimitType::Token,
+                unit: LimitUnit::Minute,
+                threshold: MAX_THRESHOLD,
+            },
+        ],
+        usage_limits: vec![
+            UsageLimit {
+                kind: LimitType::Request,
+                unit: LimitUnit::Day,
+                threshold: MAX_THRESHOLD,
+            },
+            UsageLimit {
+                kind: LimitType::Token,
+                unit: LimitUnit::Day,
+                threshold: MAX_THRESHOLD,
+            },
+        ],
+    };
+    let chain: Vec<Group> = (1..=5u32)
+        .rev()
+        .map(|depth| Group {
+            id: format!("grp_{root}_level{depth}"),
+            workspace_id: "ws_bench".into(),
+            name: None,
+            external_entity_id: format!("{root}-{depth}"),
+            models: vec![model.clone()],
+            mode: LimitMode::Cascading,
+            parent_id: (depth > 1).then(|| format!("grp_{root}_level{}", depth - 1)),
+            depth,
+            created_at: Timestamp(0),
+        })
+        .collect();
+    let limits = limits_for_slug(&chain, SLUG).unwrap_or_default();
+    assert_eq!(limits.len(), 20);
+    limits
+}
+
+fn admit_and_settle(limiter: &InProcessLimiter, limits: &[EffectiveLimit]) {
+    let decision = ready(limiter.admit(AdmitRequest {
+        limits,
+        slug: SLUG,
+        mode: LimitMode::Cascading,
+        estimated_tokens: 25,
+    }));
+    match decision {
+        Ok(Decision::Admitted { reservation, .. }) => {
+            ready(limiter.settle(reservation, black_box(120)));
+        }
+        _ => panic!("refused"),
+    }
+}
+
+fn limiter() -> Arc<InProcessLimiter> {
+    Arc::new(InProcessLimiter::new(
+        Arc::new(SystemClock),
+        Arc::new(NoStoredUsage),
+    ))
+}
+
+fn admit_settle(c: &mut Criterion) {
+    let limiter = limiter();
+    let limits = chain_limits("a");
+    c.bench_function("limiter/admit_settle_cascading_5x4", |b| {
+        b.iter(|| admit_and_settle(&limiter, black_box(&limits)));
+    });
+}
+
+/// `threads` threads, each on its own tree, each doing `iters` admit + settle; returns
+/// the wall time from their common start to the last one's end.
+fn run_threads(
+    limiter: &Arc<InProcessLimiter>,
+    chains: &[Vec<EffectiveLimit>],
+    iters: u64,
+) -> Duration {
+    let barrier = Barrier::new(chains.len() + 1);
+    std::thread::scope(|scope| {
+        for limits in chains {
+            let (limiter, barrier) = (limiter.clone(), &barrier);
+            scope.spawn(move || {
+                barrier.wait();
+                for _ in 0..iters {
+                    admit_and_settle(&limiter, limits);
+                }
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        // Leaving the scope joins every thread.
+        start
+    })
+    .elapsed()
+}
+
+fn scaling(c: &mut Criterion) {
+    let limiter = limiter();
+    let chains = [chain_limits("t0"), chain_limits("t1")];
+    let mut group = c.benchmark_group("limiter/scaling");
+    for threads in [1usize, 2] {
+        group.throughput(Throughput::Elements(threads as u64));
+        let name = if threads == 1 {
+            "1_thread".to_owned()
+        } else {
+            format!("{threads}_threads_different_groups")
+        };
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| run_threads(&limiter, &chains[..threads], iters));
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, admit_settle, scaling);
+criterion_main!(benches);
