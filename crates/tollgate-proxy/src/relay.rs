@@ -265,6 +265,36 @@ mod tests {
         assert_eq!(upstream_message(b"\xff"), "\u{fffd}");
     }
 
+    /// An upstream response whose body sends `first`, then nothing, connection open.
+    fn stalling_after(first: &'static [u8]) -> reqwest::Response {
+        let pieces = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(first))])
+            .chain(futures::stream::pending());
+        let body = reqwest::Body::wrap_stream(pieces);
+        reqwest::Response::from(http::Response::new(body))
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_that_goes_silent_is_given_up() {
+        let started = std::time::Instant::now();
+        let read = read_capped(stalling_after(b"{\"cho"), 1024, Duration::from_millis(100)).await;
+        assert_eq!(read, Err(ReadFailure::Silent));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let read = read_capped(
+            reqwest::Response::from(http::Response::new(reqwest::Body::from("{}"))),
+            1024,
+            Duration::from_millis(100),
+        )
+        .await;
+        assert_eq!(read, Ok(Bytes::from_static(b"{}")));
+        let read = read_capped(
+            reqwest::Response::from(http::Response::new(reqwest::Body::from("{}"))),
+            1,
+            Duration::from_millis(100),
+        )
+        .await;
+        assert_eq!(read, Err(ReadFailure::TooLong));
+    }
+
     #[test]
     fn wrapped_text_is_cut_on_a_character_boundary() {
         assert_eq!(truncate_chars("héllo", 2), "hé");

@@ -15,6 +15,7 @@ mod admin_groups;
 mod admin_keys;
 mod admin_misc;
 mod chat;
+mod chat_edges;
 mod models;
 mod sdk;
 mod server;
