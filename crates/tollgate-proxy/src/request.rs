@@ -99,12 +99,17 @@ async fn drain(stream: &mut axum::body::BodyDataStream) {
     }
 }
 
-/// `X-Request-Metadata`: a JSON object of at most 4 KiB, kept as sent.
+/// `X-Request-Metadata`: one JSON object of at most 4 KiB, kept as sent. Two headers are
+/// refused rather than one of them billed silently.
 pub fn request_metadata(headers: &HeaderMap) -> Result<Option<String>, ProxyError> {
-    let Some(value) = headers.get("x-request-metadata") else {
+    let mut values = headers.get_all("x-request-metadata").iter();
+    let Some(value) = values.next() else {
         return Ok(None);
     };
     let bad = |why: &str| ProxyError::bad_request(format!("X-Request-Metadata {why}."), None);
+    if values.next().is_some() {
+        return Err(bad("must be sent once"));
+    }
     if value.len() > MAX_METADATA_BYTES {
         return Err(bad(&format!("must be at most {MAX_METADATA_BYTES} bytes")));
     }
@@ -390,6 +395,12 @@ mod tests {
         assert_eq!(
             message(request_metadata(&metadata_headers("{nope")).unwrap_err()),
             "X-Request-Metadata must be valid JSON."
+        );
+        let mut twice = metadata_headers(r#"{"a":1}"#);
+        twice.append("x-request-metadata", HeaderValue::from_static(r#"{"b":2}"#));
+        assert_eq!(
+            message(request_metadata(&twice).unwrap_err()),
+            "X-Request-Metadata must be sent once."
         );
         let at_limit = format!(r#"{{"k":"{}"}}"#, "x".repeat(MAX_METADATA_BYTES - 8));
         assert_eq!(at_limit.len(), MAX_METADATA_BYTES);

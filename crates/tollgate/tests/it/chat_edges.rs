@@ -887,6 +887,18 @@ async fn request_metadata_edges() {
         (status, answer["error"]["message"].as_str()),
         (400, Some("X-Request-Metadata must be UTF-8."))
     );
+    let twice = lab
+        .post("/v1/chat/completions", &body)
+        .header("X-Request-Metadata", r#"{"a":1}"#)
+        .header("X-Request-Metadata", r#"{"b":2}"#)
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = status_json(twice).await;
+    assert_eq!(
+        (status, answer["error"]["message"].as_str()),
+        (400, Some("X-Request-Metadata must be sent once."))
+    );
     assert_eq!(lab.server.mock.requests().len(), 3);
     assert_eq!(all_events(&lab.server).await.len(), 3);
 }
@@ -1282,5 +1294,28 @@ async fn a_complete_answer_over_64_mib_is_502_and_not_billed() {
     assert_eq!(status, 502);
     assert_eq!(answer["error"]["code"], "upstream_invalid_response");
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(all_events(&lab.server).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_one_megabyte_header_is_refused_before_any_route() {
+    let lab = Lab::start(&[("acme/m", "echo")]).await;
+    let body = json!({"model": "acme/m", "messages": []});
+    let huge = "a".repeat(1024 * 1024);
+    for (name, value) in [
+        ("Authorization", format!("Bearer {huge}")),
+        ("X-Request-Metadata", format!(r#"{{"k":"{huge}"}}"#)),
+        ("X-Padding", huge.clone()),
+    ] {
+        let response = lab
+            .post("/v1/chat/completions", &body)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        // hyper answers before any handler runs: no body, never a 5xx.
+        assert_eq!(response.status(), 431, "{name}");
+    }
+    assert!(lab.server.mock.requests().is_empty());
     assert!(all_events(&lab.server).await.is_empty());
 }
