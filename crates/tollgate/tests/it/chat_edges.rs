@@ -1319,3 +1319,44 @@ async fn a_one_megabyte_header_is_refused_before_any_route() {
     assert!(lab.server.mock.requests().is_empty());
     assert!(all_events(&lab.server).await.is_empty());
 }
+
+#[tokio::test]
+async fn fifty_concurrent_streams_half_abandoned_are_each_billed_once_never_zero() {
+    let lab = Lab::start(&[(
+        "acme/m",
+        "echo?prompt_tokens=10&completion_tokens=30&interval_ms=20",
+    )])
+    .await;
+    let body = json!({"model": "acme/m", "messages": [{"role": "user", "content": PROMPT}], "stream": true});
+    let calls = (0..50_usize).map(|i| {
+        let request = lab.post("/v1/chat/completions", &body);
+        async move {
+            let response = request.send().await.unwrap();
+            let id = request_id(&response);
+            if i % 2 == 0 {
+                response.bytes().await.unwrap();
+                return (id, true);
+            }
+            // Leave after between 1 and 5 reads.
+            let mut stream = response.bytes_stream();
+            for _ in 0..=(i % 5) {
+                stream.next().await.unwrap().unwrap();
+            }
+            (id, false)
+        }
+    });
+    let outcomes = futures::future::join_all(calls).await;
+    for (id, is_read_to_end) in outcomes {
+        let event = wait_for_event(&lab.server, &id).await;
+        // A client that left late may still have been sent everything first.
+        if is_read_to_end || event.status == UsageStatus::Completed {
+            assert_event(&event, UsageStatus::Completed, (10, 30), false);
+        } else {
+            assert_eq!(event.status, UsageStatus::ClientCancelled, "{event:?}");
+            assert_eq!(event.input_tokens, prompt_estimate(&body), "{event:?}");
+            assert!(event.is_estimated && event.output_tokens <= 30, "{event:?}");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(all_events(&lab.server).await.len(), 50);
+}
