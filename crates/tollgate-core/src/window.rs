@@ -42,7 +42,12 @@ pub fn slot_millis(unit: LimitUnit) -> i64 {
 
 /// Index of the slot holding `at` (for DAY: days since the epoch, UTC).
 pub fn slot_at(unit: LimitUnit, at: Timestamp) -> i64 {
-    at.0.div_euclid(slot_millis(unit))
+    // Constant divisors: this runs for every counter of every admission.
+    match unit {
+        LimitUnit::Second => at.0.div_euclid(100),
+        LimitUnit::Minute => at.0.div_euclid(6_000),
+        LimitUnit::Day => at.0.div_euclid(DAY_MS),
+    }
 }
 
 /// When slot `slot` begins.
@@ -129,32 +134,41 @@ impl WindowCounter {
         Timestamp(now.0.max(self.latest))
     }
 
-    fn is_live(&self, slot: &Slot, now: Timestamp) -> bool {
-        if slot.index == i64::MIN {
-            return false;
-        }
-        match self.unit {
-            LimitUnit::Second | LimitUnit::Minute => {
-                now.0 < slot.latest.saturating_add(self.unit.millis())
-            }
-            LimitUnit::Day => slot.index == slot_at(LimitUnit::Day, now),
-        }
+    /// Live slots in ring order. A rolling slot is live while its latest debit is less
+    /// than a unit old (such a slot is always one of the last 11: its latest debit lies
+    /// inside it); a DAY slot while it is today. One pass, at most one division: this
+    /// runs for every counter of every admission.
+    fn live_unordered(&self, now: Timestamp) -> impl Iterator<Item = Slot> + '_ {
+        let now = self.effective(now);
+        let is_day = self.unit == LimitUnit::Day;
+        let today = if is_day {
+            slot_at(LimitUnit::Day, now)
+        } else {
+            0
+        };
+        let horizon = now.0.saturating_sub(self.unit.millis());
+        self.ring[..self.ring_len()]
+            .iter()
+            .copied()
+            .filter(move |slot| {
+                if is_day {
+                    slot.index == today
+                } else {
+                    slot.index != i64::MIN && slot.latest > horizon
+                }
+            })
     }
 
     /// Live slots, oldest first.
-    fn live(&self, now: Timestamp) -> impl Iterator<Item = Slot> + '_ {
-        let now = self.effective(now);
-        let current = slot_at(self.unit, now);
-        let len = self.ring_len() as i64;
-        (current - len + 1..=current).filter_map(move |index| {
-            let slot = self.ring[self.position(index)];
-            (slot.index == index && self.is_live(&slot, now)).then_some(slot)
-        })
+    fn live(&self, now: Timestamp) -> impl Iterator<Item = Slot> {
+        let mut live: Vec<Slot> = self.live_unordered(now).collect();
+        live.sort_unstable_by_key(|slot| slot.index);
+        live.into_iter()
     }
 
     /// What the window holds at `now`.
     pub fn used(&self, now: Timestamp) -> u64 {
-        self.live(now)
+        self.live_unordered(now)
             .fold(0u64, |sum, slot| sum.saturating_add(slot.value))
     }
 
@@ -251,7 +265,10 @@ impl WindowCounter {
     /// the moment the limit is back to its full threshold, for `x-ratelimit-reset-*`.
     pub fn reset_at(&self, now: Timestamp) -> Timestamp {
         let now = self.effective(now);
-        let newest = self.live(now).filter(|slot| slot.value > 0).last();
+        let newest = self
+            .live_unordered(now)
+            .filter(|slot| slot.value > 0)
+            .max_by_key(|slot| slot.latest);
         match (newest, self.unit) {
             (None, _) => now,
             (Some(_), LimitUnit::Day) => now.next_utc_midnight(),

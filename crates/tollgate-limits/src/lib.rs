@@ -25,7 +25,6 @@
 mod baseline;
 mod memory;
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -102,7 +101,10 @@ impl Reservation {
 /// One TOKEN counter's part of a reservation (REQUEST debits are never given back).
 #[derive(Debug, Clone)]
 pub(crate) struct Debit {
-    pub(crate) counter: Arc<memory::Counter>,
+    /// The counters of the debited counter's (group, slug).
+    pub(crate) counters: Arc<memory::CounterSet>,
+    /// Which of them.
+    pub(crate) which: usize,
     /// Window slot (bucket index) debited.
     pub(crate) slot: i64,
     /// Tokens reserved in that slot.
@@ -110,7 +112,7 @@ pub(crate) struct Debit {
 }
 
 /// One counter: a group's count of one (slug, type, unit).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey {
     pub group_id: String,
     pub slug: String,
@@ -127,14 +129,6 @@ impl CounterKey {
             kind: limit.kind,
             unit: limit.unit,
         }
-    }
-}
-
-/// Hashes exactly as [`memory::CounterKeyView`] does, so the map can be searched
-/// without building an owned key.
-impl Hash for CounterKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        memory::hash_counter_key(&self.group_id, &self.slug, self.kind, self.unit, state);
     }
 }
 
