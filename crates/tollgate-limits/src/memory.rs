@@ -537,4 +537,12 @@ mod tests {
         let a_first = Arc::as_ptr(&resolved.sets[1]) < Arc::as_ptr(&resolved.sets[0]);
         assert_eq!(a_guard < b_guard, a_first);
     }
+
+    /// `docs/limits.md` says a (group, slug) costs about 1.9 KB: 1.75 KB of counters plus
+    /// the key's strings and the map entry.
+    #[test]
+    fn a_counter_set_stays_small() {
+        let size = std::mem::size_of::<CounterSet>();
+        assert!(size <= 1_800, "{size} bytes");
+    }
 }
