@@ -115,12 +115,14 @@ impl Config {
             Some("json") => LogFormat::Json,
             Some(other) => bail!("log_format: '{other}' is not 'text' or 'json'"),
         };
+        let database_url = args
+            .database
+            .or(file.database_url)
+            .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        check_database_url(&database_url)?;
         Ok(Self {
             listen,
-            database_url: args
-                .database
-                .or(file.database_url)
-                .unwrap_or_else(|| DEFAULT_DATABASE.to_owned()),
+            database_url,
             admin_key,
             master_key,
             allow_private_networks: args
@@ -132,6 +134,28 @@ impl Config {
             log_format,
             demo: args.demo,
         })
+    }
+}
+
+/// Refuses a database URL this build cannot open, before anything is created: a
+/// PostgreSQL URL, or any other `scheme://` but SQLite's, which the store would take for
+/// a relative file path (`mysql://db/x` → `mysql:/db/x`). A plain path is a SQLite file.
+/// The URL itself is never echoed: it may hold a password.
+pub fn check_database_url(url: &str) -> anyhow::Result<()> {
+    let Some((scheme, _)) = url.split_once("://") else {
+        return Ok(());
+    };
+    let is_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    match scheme {
+        _ if !is_scheme => Ok(()),
+        "sqlite" => Ok(()),
+        "postgres" | "postgresql" => {
+            bail!("database: PostgreSQL is not available in this version; use a sqlite:// URL")
+        }
+        other => bail!("database: unsupported URL scheme '{other}://'; use sqlite://PATH"),
     }
 }
 
@@ -181,6 +205,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn database_urls_of_other_engines_are_refused() {
+        for ok in [
+            "sqlite://tollgate.db",
+            "sqlite:///var/lib/t.db",
+            "sqlite::memory:",
+            "t.db",
+            "postgres.db",
+            "./odd://name.db",
+        ] {
+            assert!(check_database_url(ok).is_ok(), "{ok}");
+        }
+        for (url, message) in [
+            (
+                "postgres://u:pw@db/x",
+                "database: PostgreSQL is not available in this version; use a sqlite:// URL",
+            ),
+            (
+                "postgresql://db/x",
+                "database: PostgreSQL is not available in this version; use a sqlite:// URL",
+            ),
+            (
+                "mysql://db/x",
+                "database: unsupported URL scheme 'mysql://'; use sqlite://PATH",
+            ),
+            (
+                "SQLITE://t.db",
+                "database: unsupported URL scheme 'SQLITE://'; use sqlite://PATH",
+            ),
+        ] {
+            let e = check_database_url(url).unwrap_err();
+            assert_eq!(e.to_string(), message, "{url}");
+        }
+    }
+
+    #[test]
     fn defaults_match_the_spec() {
         let config = Config::defaults().unwrap();
         assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
@@ -217,6 +276,15 @@ mod tests {
         };
         assert!(Config::resolve(bad_format, FileConfig::default()).is_err());
         assert!(parse_master_key("AAAA").is_err());
+        let mysql = ServeArgs {
+            database: Some("mysql://root:hunter2@db/x".into()),
+            ..ServeArgs::default()
+        };
+        let e = Config::resolve(mysql, FileConfig::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "database: unsupported URL scheme 'mysql://'; use sqlite://PATH"
+        );
         assert_eq!(parse_master_key(&"A".repeat(43)).unwrap(), [0; 32]);
     }
 }

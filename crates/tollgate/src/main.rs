@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use std::sync::Arc;
 use tollgate::cli::{Cli, Command, WorkspaceAction};
-use tollgate::config::{Config, LogFormat, DEFAULT_DATABASE};
+use tollgate::config::{check_database_url, Config, LogFormat, DEFAULT_DATABASE};
 use tollgate::{bootstrap, server};
 use tollgate_core::SystemClock;
 use tollgate_store::SqliteStore;
@@ -24,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Workspace { action, database } => {
             init_logging(LogFormat::Text);
             let url = database.unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+            check_database_url(&url)?;
             let store = Arc::new(
                 SqliteStore::open(&url)
                     .await

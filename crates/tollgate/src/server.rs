@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -76,9 +76,7 @@ impl RunningServer {
 /// Opens the store, bootstraps, binds `config.listen` and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    if config.database_url.starts_with("postgres") {
-        bail!("database: PostgreSQL is not available in this version; use a sqlite:// URL");
-    }
+    crate::config::check_database_url(&config.database_url)?;
     let sqlite = Arc::new(
         SqliteStore::open(&config.database_url)
             .await

@@ -174,6 +174,81 @@ async fn demo_prints_a_curl_command_that_works_when_pasted() {
     assert!(demo.child.wait().await.unwrap().success());
 }
 
+/// A database URL of another engine is refused before anything is written: the store
+/// would otherwise take `mysql://db/x` for the relative path `mysql:/db/x`, create a
+/// fresh SQLite file there and print a key that works against no real server.
+#[tokio::test]
+async fn other_database_engines_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database",
+                "mysql://u:pw@db/x",
+            ],
+            "Error: database: unsupported URL scheme 'mysql://'; use sqlite://PATH",
+        ),
+        (
+            &[
+                "workspace",
+                "create",
+                "acme",
+                "--database",
+                "mysql://u:pw@db/x",
+            ],
+            "Error: database: unsupported URL scheme 'mysql://'; use sqlite://PATH",
+        ),
+        (
+            &[
+                "workspace",
+                "create",
+                "acme",
+                "--database",
+                "postgres://u:pw@db/x",
+            ],
+            "Error: database: PostgreSQL is not available in this version; use a sqlite:// URL",
+        ),
+        (
+            &[
+                "workspace",
+                "disable",
+                "acme",
+                "--database",
+                "postgresql://db/x",
+            ],
+            "Error: database: PostgreSQL is not available in this version; use a sqlite:// URL",
+        ),
+    ];
+    for (args, message) in cases {
+        let output = tollgate()
+            .current_dir(dir.path())
+            .env("RUST_BACKTRACE", "0")
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim(), message, "{args:?}");
+        assert!(!stderr.contains("pw"), "no password echoed: {stderr}");
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "", "{args:?}");
+        let created: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(created.is_empty(), "{args:?} created {created:?}");
+    }
+    // A plain file path (even one named after an engine) is still a SQLite file.
+    let output = tollgate()
+        .current_dir(dir.path())
+        .args(["workspace", "create", "acme", "--database", "postgres.db"])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(dir.path().join("postgres.db").exists());
+}
+
 #[tokio::test]
 async fn workspace_commands_create_disable_and_enable() {
     let server = TestServer::start().await;
