@@ -7,9 +7,12 @@ use std::io::Write as _;
 use anyhow::{bail, Context};
 use tollgate_core::keys::{hash_key, lookup_prefix, mint_management_key};
 use tollgate_core::Clock;
-use tollgate_store::{NewManagementKey, Scope, Store, StoreError, Workspace};
+use tollgate_store::{NewManagementKey, PageRequest, Scope, Store, StoreError, Workspace};
 
 pub const DEFAULT_WORKSPACE: &str = "default";
+
+/// The name of the management key `TOLLGATE_ADMIN_KEY` installs.
+pub const ADMIN_KEY_NAME: &str = "TOLLGATE_ADMIN_KEY";
 
 /// Creates workspace `default` on an empty store (printing its first `manage` key unless
 /// an admin key is configured) and makes `admin_key`, when set, a `manage` key of it.
@@ -42,13 +45,56 @@ pub async fn default_workspace(
                 workspace_id: workspace.id.clone(),
                 prefix: prefix.to_owned(),
                 hash: hash_key(key).to_vec(),
-                name: Some("TOLLGATE_ADMIN_KEY".to_owned()),
+                name: Some(ADMIN_KEY_NAME.to_owned()),
                 scope: Scope::Manage,
                 created_at: clock.now(),
             })
             .await?;
+        revoke_replaced_admin_keys(store, clock, &workspace.id, prefix).await?;
     }
     Ok(workspace)
+}
+
+/// A changed `TOLLGATE_ADMIN_KEY` is a rotation: the values it replaces (the live keys of
+/// the workspace named [`ADMIN_KEY_NAME`] with another prefix) stop working, as an
+/// operator expects. Keys minted through the API are untouched.
+async fn revoke_replaced_admin_keys(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    workspace_id: &str,
+    current_prefix: &str,
+) -> anyhow::Result<()> {
+    let mut replaced = Vec::new();
+    let mut page = PageRequest {
+        limit: 1000,
+        after: None,
+    };
+    loop {
+        let found = store.list_management_keys(workspace_id, page).await?;
+        replaced.extend(
+            found
+                .items
+                .into_iter()
+                .filter(|k| k.name.as_deref() == Some(ADMIN_KEY_NAME) && k.prefix != current_prefix)
+                .map(|k| k.prefix),
+        );
+        match found.next_after {
+            Some(after) => page.after = Some(after),
+            None => break,
+        }
+    }
+    for prefix in &replaced {
+        store
+            .revoke_management_key(workspace_id, prefix, clock.now())
+            .await?;
+    }
+    if !replaced.is_empty() {
+        tracing::info!(
+            revoked = replaced.len(),
+            "TOLLGATE_ADMIN_KEY changed: the previous value no longer works"
+        );
+    }
+    Ok(())
 }
 
 async fn mint_first_key(

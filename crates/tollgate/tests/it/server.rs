@@ -412,3 +412,58 @@ async fn shutdown_closes_the_listener_and_the_file_keeps_its_rows() {
     assert_eq!(kept.id, endpoint["id"].as_str().unwrap());
     reopened.close().await;
 }
+
+/// Rotating `TOLLGATE_ADMIN_KEY` retires the value it replaces: after a restart with a new
+/// value the old one answers 401, while the new one and keys minted through the API work.
+#[tokio::test]
+async fn a_rotated_admin_key_stops_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let old_key = format!("tgm_rotation-old{}", "a".repeat(32));
+    let new_key = format!("tgm_rotation-new{}", "b".repeat(32));
+    let start = |admin_key: &str| {
+        let mut config = crate::support::test_config(&dir);
+        config.admin_key = Some(admin_key.to_owned());
+        tollgate::start(config)
+    };
+    let groups = |server: &tollgate::RunningServer, key: &str| {
+        http.get(format!("http://{}/v1/gateway/groups", server.local_addr()))
+            .bearer_auth(key)
+            .send()
+    };
+
+    let first = start(&old_key).await.unwrap();
+    assert_eq!(groups(&first, &old_key).await.unwrap().status(), 200);
+    let minted = ok_json(
+        http.post(format!(
+            "http://{}/v1/gateway/management_keys",
+            first.local_addr()
+        ))
+        .bearer_auth(&old_key)
+        .json(&json!({"name": "ops", "scope": "manage"}))
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    let ops_key = minted["key"].as_str().unwrap().to_owned();
+    first.shutdown().await.unwrap();
+
+    // The same value on the next start keeps working.
+    let same = start(&old_key).await.unwrap();
+    assert_eq!(groups(&same, &old_key).await.unwrap().status(), 200);
+    same.shutdown().await.unwrap();
+
+    let rotated = start(&new_key).await.unwrap();
+    assert_eq!(groups(&rotated, &new_key).await.unwrap().status(), 200);
+    assert_eq!(groups(&rotated, &ops_key).await.unwrap().status(), 200);
+    let (status, body) = status_json(groups(&rotated, &old_key).await.unwrap()).await;
+    assert_eq!(
+        (status, body),
+        (
+            401,
+            json!({"error": "Invalid management key", "code": "unauthorized"})
+        )
+    );
+    rotated.shutdown().await.unwrap();
+}
