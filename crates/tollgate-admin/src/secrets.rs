@@ -20,6 +20,12 @@ use crate::AdminState;
 /// Largest secret value accepted (bytes).
 pub const MAX_SECRET_LEN: usize = 16 * 1024;
 
+/// Makes "is the name free? then insert" one step within this process. The store has no
+/// unique index on secret names; without this, concurrent creates with one name all pass
+/// the check (admin_misc::concurrent_creates_with_one_name_make_one_secret). Secrets are
+/// created rarely, so one lock for every workspace costs nothing.
+static CREATE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub fn router() -> Router<AdminState> {
     Router::new()
         .route("/v1/gateway/secrets", post(create).get(list))
@@ -62,6 +68,7 @@ async fn create(
             "must not contain control characters (CR, LF, tab, ...)",
         ));
     }
+    let _one_create_at_a_time = CREATE_LOCK.lock().await;
     if name_taken(&state, &caller.workspace_id, &body.name).await? {
         return Err(duplicate_name());
     }
@@ -94,8 +101,8 @@ fn duplicate_name() -> ApiError {
 }
 
 /// True when a live secret of the workspace has this name. The store has no unique
-/// index on names, so two concurrent creates with one name can both pass; a unique index
-/// would surface as `StoreError::Duplicate`, mapped to the same answer.
+/// index on names (callers hold [`CREATE_LOCK`]); a unique index would surface as
+/// `StoreError::Duplicate`, mapped to the same answer.
 async fn name_taken(state: &AdminState, workspace_id: &str, name: &str) -> ApiResult<bool> {
     let mut page = PageRequest {
         limit: MAX_LIMIT,

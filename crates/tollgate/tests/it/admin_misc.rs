@@ -770,6 +770,40 @@ async fn secret_values_must_fit_an_authorization_header() {
     create_secret(&server, "printable").await;
 }
 
+/// Concurrent creates with one name make one secret: the others are `duplicate_name`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_with_one_name_make_one_secret() {
+    let server = TestServer::start().await;
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let request = server.post(
+                "/v1/gateway/secrets",
+                &json!({"name": "openai", "value": "sk-1"}),
+            );
+            tokio::spawn(async move { status_json(request.send().await.unwrap()).await })
+        })
+        .collect();
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            (200, _) => created += 1,
+            (status, body) => assert_eq!(
+                (status, body),
+                (
+                    400,
+                    json!({
+                        "code": "duplicate_name",
+                        "error": "name: a secret with this name already exists in this workspace",
+                    })
+                )
+            ),
+        }
+    }
+    assert_eq!(created, 1);
+    let listed = ok_json(server.get("/v1/gateway/secrets").send().await.unwrap()).await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn another_workspaces_secret_is_403() {
     let server = TestServer::start().await;
