@@ -7,13 +7,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tollgate_core::keys::mint_management_key;
-use tollgate_store::{ManagementKey, NewManagementKey, Scope, StoreError};
+use tollgate_store::{ManagementKey, NewManagementKey, PageRequest, Scope, StoreError};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::fields::check_name;
 use crate::json::StrictJson;
-use crate::pagination::{page_json, parse_list_query, NoQuery};
+use crate::pagination::{page_json, parse_list_query, NoQuery, MAX_LIMIT};
 use crate::params::Path;
 use crate::AdminState;
 
@@ -86,15 +86,29 @@ async fn list(
     Ok(Json(page_json("management_keys", page, |k| key_json(&k))))
 }
 
-/// Revoking the key making the call is allowed (key rotation ends that way).
+/// Makes "is another manage key left? then revoke" one step within this process, so two
+/// concurrent revocations cannot take the last two `manage` keys together.
+static REVOKE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Revoking the key making the call is allowed (key rotation ends that way), but not the
+/// workspace's last `manage` key: no command mints a key for an existing workspace, so
+/// nobody could manage it again
+/// (admin_misc::the_last_manage_key_of_a_workspace_cannot_be_revoked).
 async fn revoke(
     State(state): State<AdminState>,
     caller: Caller,
     _: NoQuery,
     Path(prefix): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    let _one_revocation_at_a_time = REVOKE_LOCK.lock().await;
     if let Some((key, _)) = state.store.management_key_by_prefix(&prefix).await? {
         caller.owns(&key.workspace_id, "Management key")?;
+        if key.scope == Scope::Manage && live_manage_keys(&state, &key.workspace_id).await? <= 1 {
+            return Err(ApiError::bad_request(
+                "last_manage_key",
+                "Cannot revoke the last manage key of this workspace; create another manage key first",
+            ));
+        }
     }
     let key = state
         .store
@@ -102,4 +116,25 @@ async fn revoke(
         .await?
         .ok_or_else(|| ApiError::not_found("Management key"))?;
     Ok(Json(json!({ "prefix": key.prefix })))
+}
+
+/// How many live `manage` keys the workspace has.
+async fn live_manage_keys(state: &AdminState, workspace_id: &str) -> ApiResult<usize> {
+    let mut count = 0;
+    let mut page = PageRequest {
+        limit: MAX_LIMIT,
+        after: None,
+    };
+    loop {
+        let found = state.store.list_management_keys(workspace_id, page).await?;
+        count += found
+            .items
+            .iter()
+            .filter(|k| k.scope == Scope::Manage)
+            .count();
+        match found.next_after {
+            Some(after) => page.after = Some(after),
+            None => return Ok(count),
+        }
+    }
 }

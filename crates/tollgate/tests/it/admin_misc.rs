@@ -919,6 +919,74 @@ async fn management_keys_are_minted_listed_and_revoked() {
     .await;
 }
 
+/// No CLI command mints a key for an existing workspace, so revoking its last `manage`
+/// key would leave it running with nobody able to change it: refused. `view` keys do
+/// not count; with a second `manage` key, self-revocation (the end of a rotation) works.
+#[tokio::test]
+async fn the_last_manage_key_of_a_workspace_cannot_be_revoked() {
+    let server = TestServer::start().await;
+    let admin_prefix = server.admin_key[..16].to_owned();
+    let mint = |scope: &str| {
+        let request = server.post(
+            "/v1/gateway/management_keys",
+            &json!({"name": scope, "scope": scope}),
+        );
+        async move { ok_json(request.send().await.unwrap()).await }
+    };
+    let revoke = |prefix: &str, key: &str| {
+        with_key(
+            &server,
+            reqwest::Method::DELETE,
+            &format!("/v1/gateway/management_keys/{prefix}"),
+            key,
+        )
+        .send()
+    };
+    let last =
+        "Cannot revoke the last manage key of this workspace; create another manage key first";
+    mint("view").await;
+    expect_error(
+        revoke(&admin_prefix, &server.admin_key).await.unwrap(),
+        400,
+        "last_manage_key",
+        last,
+    )
+    .await;
+    let second = mint("manage").await;
+    let second_key = second["key"].as_str().unwrap();
+    let second_prefix = second["prefix"].as_str().unwrap();
+    assert_eq!(
+        ok_json(revoke(&admin_prefix, second_key).await.unwrap()).await,
+        json!({"prefix": admin_prefix})
+    );
+    expect_error(
+        revoke(second_prefix, second_key).await.unwrap(),
+        400,
+        "last_manage_key",
+        last,
+    )
+    .await;
+    let listed = ok_json(
+        with_key(
+            &server,
+            reqwest::Method::GET,
+            "/v1/gateway/management_keys",
+            second_key,
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    let scopes: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["scope"].as_str().unwrap())
+        .collect();
+    assert_eq!(scopes, ["view", "manage"]);
+}
+
 #[tokio::test]
 async fn management_key_payloads_are_checked() {
     let server = TestServer::start().await;
