@@ -43,6 +43,10 @@ pub enum ProxyError {
     /// over the size bound).
     #[error("The model server sent an invalid response.")]
     UpstreamInvalid,
+    /// The limiter could not decide (its stored day usage could not be read): nothing
+    /// was admitted. The context is logged, the caller gets an opaque 503.
+    #[error("limits unavailable: {0}")]
+    LimitsUnavailable(String),
     /// Never shown: the context is logged, the caller gets an opaque 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -69,6 +73,7 @@ impl ProxyError {
             | ProxyError::UpstreamAuthFailed(_)
             | ProxyError::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::LimitsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -87,6 +92,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => ("upstream_error", "upstream_timeout"),
             ProxyError::UpstreamAuthFailed(_) => ("upstream_error", "upstream_auth_failed"),
             ProxyError::UpstreamInvalid => ("upstream_error", "upstream_invalid_response"),
+            ProxyError::LimitsUnavailable(_) => ("server_error", "limits_unavailable"),
             ProxyError::Internal(_) => ("server_error", "internal_error"),
         }
     }
@@ -96,6 +102,9 @@ impl ProxyError {
         match &self {
             ProxyError::Internal(context) => {
                 tracing::error!(request_id, error = %context, "data-plane request failed");
+            }
+            ProxyError::LimitsUnavailable(context) => {
+                tracing::error!(request_id, error = %context, "limits could not be checked");
             }
             ProxyError::UpstreamAuthFailed(status) => {
                 tracing::warn!(
@@ -119,6 +128,9 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let message = match &self {
             ProxyError::Internal(_) => "Internal error.".to_owned(),
+            ProxyError::LimitsUnavailable(_) => {
+                "Limits could not be checked; retry shortly.".to_owned()
+            }
             other => other.to_string(),
         };
         let param = match &self {
@@ -234,6 +246,22 @@ mod tests {
         assert_eq!(status, 500);
         assert_eq!(body["error"]["message"], "Internal error.");
         assert_eq!(body["error"]["code"], "internal_error");
+    }
+
+    #[tokio::test]
+    async fn a_limiter_failure_is_an_opaque_503() {
+        let (status, body) =
+            parts(ProxyError::LimitsUnavailable("database is locked".into())).await;
+        assert_eq!(status, 503);
+        assert_eq!(
+            body,
+            json!({"error": {
+                "message": "Limits could not be checked; retry shortly.",
+                "type": "server_error",
+                "param": null,
+                "code": "limits_unavailable",
+            }})
+        );
     }
 
     #[tokio::test]

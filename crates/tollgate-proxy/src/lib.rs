@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod entitlement;
 pub mod error;
+pub mod limits;
 pub mod metering;
 pub mod models;
 pub mod relay;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use tollgate_core::secretbox::SecretBox;
 use tollgate_core::Clock;
+use tollgate_limits::Limiter;
 use tollgate_store::Store;
 
 pub use upstream::http_client;
@@ -47,6 +49,8 @@ pub struct ProxyState {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub sealer: Arc<SecretBox>,
+    /// Admits every inference request before its upstream is contacted.
+    pub limiter: Arc<dyn Limiter>,
     pub config: ProxyConfig,
     /// Build it with [`http_client`]: no total timeout, no redirects, Nagle off.
     pub http: reqwest::Client,

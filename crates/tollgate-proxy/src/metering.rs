@@ -3,12 +3,14 @@
 //!
 //! Streams pass through [`MeteredBody`], which forwards upstream chunks as they arrive
 //! (through the usage tap), holds back only the `[DONE]` event and the end of the body,
-//! commits the event, then releases them. An upstream silent for longer than the idle
-//! bound is treated as ended there (a stall never holds a client forever). If the client
-//! goes away first, the body is dropped: dropping it closes the upstream request, and the
-//! drop hook records the event as `client_cancelled` from what the tap saw (or as
-//! `upstream_error_mid_stream` when the upstream had already sent an error event).
-//! [`record`] is the one place an event is stored — the settle point of a request.
+//! commits the event, then releases them. `[DONE]` (or the upstream's end) ends the
+//! answer; an upstream silent for longer than the idle bound is treated as ended there (a
+//! stall never holds a client forever). If the client goes away first, the body is
+//! dropped: dropping it closes the upstream request, and the drop hook records the event
+//! as `client_cancelled` from what the tap saw (or as `upstream_error_mid_stream` when the
+//! upstream had already sent an error event).
+//! [`record`] is the one place an event is stored; [`Meter`] settles the request's token
+//! reservation right after it, with the same total, or refunds it when nothing is billed.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tollgate_core::Clock;
 use tollgate_store::{Store, UsageEvent, UsageStatus};
 
 use crate::error::error_body;
+use crate::limits::Settlement;
 use crate::tap::{BodySummary, StreamEnd, StreamSummary, StreamTap, Usage};
 
 /// Everything a usage event says besides its tokens and status.
@@ -141,7 +144,8 @@ pub fn status_of_end(end: StreamEnd) -> UsageStatus {
     }
 }
 
-/// Stores a request's usage event: where a served request is settled.
+/// Stores a request's usage event: where a served request is billed (and, in
+/// [`Meter`], its token reservation settled).
 pub async fn record(
     store: &dyn Store,
     event: &UsageEvent,
@@ -157,17 +161,19 @@ pub async fn record(
     result
 }
 
-/// What a metered stream needs to settle: where to store, what time it is, what to say.
-#[derive(Clone)]
+/// What a request needs to end its accounting: where to store, what time it is, what to
+/// say, and the token reservation to settle (billed) or refund (not billed).
 pub struct Meter {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub context: EventContext,
+    pub settlement: Settlement,
 }
 
 impl Meter {
-    /// Stores the event on its own task, so that a caller which is dropped meanwhile (the
-    /// client left) cannot cancel the write halfway; resolves to whether it was stored.
+    /// Stores the event and settles the reservation with its tokens, on their own task,
+    /// so that a caller which is dropped meanwhile (the client left) cannot cancel them
+    /// halfway; resolves to whether the event was stored.
     pub async fn commit(self, status: UsageStatus, tokens: Metered) -> bool {
         match self.spawn_record(status, tokens) {
             Some(handle) => handle.await.unwrap_or(false),
@@ -175,6 +181,13 @@ impl Meter {
         }
     }
 
+    /// Nothing billable: gives the reserved tokens back.
+    pub async fn refund(self) {
+        self.settlement.refund().await;
+    }
+
+    /// Stores the event, then settles the reservation to the billed total (the tokens
+    /// were used whether or not the store took the event).
     fn spawn_record(self, status: UsageStatus, tokens: Metered) -> Option<JoinHandle<bool>> {
         let event = self.context.event(status, tokens, self.clock.as_ref());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -184,7 +197,21 @@ impl Meter {
             );
             return None;
         };
-        Some(runtime.spawn(async move { record(self.store.as_ref(), &event).await.is_ok() }))
+        let (store, settlement) = (self.store, self.settlement);
+        Some(runtime.spawn(async move {
+            let is_stored = record(store.as_ref(), &event).await.is_ok();
+            settlement.settle(tokens.usage.total()).await;
+            is_stored
+        }))
+    }
+
+    /// Refunds on a task of its own; resolves to `true` (nothing to store).
+    fn spawn_refund(self) -> Option<JoinHandle<bool>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(runtime.spawn(async move {
+            self.settlement.refund().await;
+            true
+        }))
     }
 }
 
@@ -223,12 +250,19 @@ impl Drop for CancelGuard {
     }
 }
 
+/// How long a `[DONE]` whose read ended on a CR waits for the LF that may complete it.
+const DONE_LF_GRACE: Duration = Duration::from_millis(250);
+
 /// Where a metered stream is.
 enum Phase {
     /// Forwarding upstream chunks.
     Streaming,
-    /// The upstream ended; the event is being stored (on its own task, so a client that
-    /// leaves now cannot cancel the write).
+    /// `[DONE]` was read up to a CR: the next read, if it comes within the grace, may
+    /// start with the LF of that CRLF (`DONE_LF_GRACE`).
+    AwaitingLf(Pin<Box<tokio::time::Sleep>>),
+    /// The upstream ended (or sent `[DONE]`); the event is being stored and the
+    /// reservation settled — or, when nothing is billable, refunded — on its own task, so
+    /// a client that leaves now cannot cancel the write.
     Committing(JoinHandle<bool>),
     /// Event stored: release what was held back.
     Releasing,
@@ -248,7 +282,6 @@ pub struct MeteredBody {
     phase: Phase,
     /// Bytes after the start of `[DONE]`, released after the commit.
     held: BytesMut,
-    is_done_seen: bool,
     /// The last bytes given to the client or held, to end a cut-off event cleanly.
     tail: Vec<u8>,
     /// Longest silence allowed between two upstream reads.
@@ -319,7 +352,6 @@ impl MeteredBody {
             meter: Some(meter),
             phase: Phase::Streaming,
             held: BytesMut::new(),
-            is_done_seen: false,
             tail: Vec::new(),
             idle,
             silence: None,
@@ -358,15 +390,21 @@ impl MeteredBody {
     /// One upstream read: returns the bytes to forward now (possibly empty).
     fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
         let out = self.tap.feed(chunk);
-        if self.is_done_seen {
-            self.hold(&out);
-            return Bytes::new();
-        }
-        if self.tap.summary().end == StreamEnd::Done {
-            self.is_done_seen = true;
+        if self.tap.has_seen_done() {
             let (now, later) = split_before_done(out);
             self.note_tail(&now);
             self.hold(&later);
+            // `[DONE]` ends the answer: commit and release now, whatever the upstream does
+            // next (some keep the connection open after it, which would otherwise hold the
+            // client until the idle bound — `done_ends_the_stream_at_once`). A read that
+            // ends on a CR may be followed by the LF of its CRLF: wait a moment for it, so
+            // the client gets the upstream's bytes exactly.
+            if self.tail.ends_with(b"\r") {
+                let grace = DONE_LF_GRACE.min(self.idle);
+                self.phase = Phase::AwaitingLf(Box::pin(tokio::time::sleep(grace)));
+            } else {
+                self.on_upstream_end();
+            }
             return now;
         }
         self.note_tail(&out);
@@ -386,14 +424,16 @@ impl MeteredBody {
             self.hold(event.as_bytes());
         }
         let billable = !summary.is_error_first;
-        self.phase = match self.meter.take().filter(|_| billable) {
-            Some(meter) => {
+        let settling = match self.meter.take() {
+            Some(meter) if billable => {
                 let tokens = Metered::of_stream(&summary, meter.context.prompt_estimate);
-                match meter.spawn_record(status_of_end(summary.end), tokens) {
-                    Some(handle) => Phase::Committing(handle),
-                    None => Phase::Releasing,
-                }
+                meter.spawn_record(status_of_end(summary.end), tokens)
             }
+            Some(meter) => meter.spawn_refund(),
+            None => None,
+        };
+        self.phase = match settling {
+            Some(handle) => Phase::Committing(handle),
             None => Phase::Releasing,
         };
     }
@@ -453,6 +493,25 @@ impl Body for MeteredBody {
                         None => this.on_upstream_end(),
                     }
                 }
+                Phase::AwaitingLf(grace) => {
+                    let next = match this.upstream.as_mut() {
+                        Some(upstream) => upstream.poll_next_unpin(cx),
+                        None => Poll::Ready(None),
+                    };
+                    match next {
+                        Poll::Ready(Some(Ok(chunk))) => {
+                            let out = this.tap.feed(chunk);
+                            this.hold(&out);
+                        }
+                        Poll::Ready(_) => {}
+                        Poll::Pending => {
+                            if std::future::Future::poll(grace.as_mut(), cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                    this.on_upstream_end();
+                }
                 Phase::Committing(handle) => {
                     let is_stored = ready!(handle.poll_unpin(cx)).unwrap_or(false);
                     if !is_stored {
@@ -487,6 +546,11 @@ impl Body for MeteredBody {
 impl Drop for MeteredBody {
     /// The client went away mid-stream: stop the upstream and bill what was used.
     fn drop(&mut self) {
+        if matches!(self.phase, Phase::AwaitingLf(_)) {
+            // The answer was complete: bill it as such (the write is detached).
+            self.on_upstream_end();
+            return;
+        }
         if !matches!(self.phase, Phase::Streaming) {
             return;
         }
@@ -498,6 +562,7 @@ impl Drop for MeteredBody {
         };
         let summary = self.tap.summary();
         if summary.is_error_first {
+            let _detached = meter.spawn_refund();
             return;
         }
         let tokens = Metered::of_stream(&summary, meter.context.prompt_estimate);
@@ -650,13 +715,60 @@ mod tests {
 
     use futures::channel::mpsc;
     use http_body_util::BodyExt;
-    use tollgate_core::SystemClock;
+    use tollgate_core::clock::ManualClock;
+    use tollgate_core::hierarchy::EffectiveLimit;
+    use tollgate_core::{LimitMode, LimitType, LimitUnit, SystemClock, Timestamp};
+    use tollgate_limits::{
+        AdmitRequest, CounterKey, Decision, InProcessLimiter, Limiter, NoStoredUsage,
+    };
     use tollgate_store::{PageRequest, SqliteStore, UsageFilter};
 
     type Upstream = mpsc::UnboundedSender<reqwest::Result<Bytes>>;
 
     async fn meter() -> (Meter, Arc<dyn Store>) {
+        let (meter, store, _) = limited_meter().await;
+        (meter, store)
+    }
+
+    /// grp_1's TOKEN/DAY counter on acme/m, which every test meter's reservation debits.
+    fn day_tokens() -> CounterKey {
+        CounterKey {
+            group_id: "grp_1".into(),
+            slug: "acme/m".into(),
+            kind: LimitType::Token,
+            unit: LimitUnit::Day,
+        }
+    }
+
+    /// A meter whose settlement reserved the prompt estimate (11 tokens) on
+    /// [`day_tokens`].
+    async fn limited_meter() -> (Meter, Arc<dyn Store>, Arc<InProcessLimiter>) {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open("sqlite::memory:").await.unwrap());
+        let limiter = Arc::new(InProcessLimiter::new(
+            Arc::new(ManualClock::new(Timestamp(1_796_320_404_123))),
+            Arc::new(NoStoredUsage),
+        ));
+        let limits = [EffectiveLimit {
+            kind: LimitType::Token,
+            unit: LimitUnit::Day,
+            threshold: 1000,
+            source_group: "grp_1".into(),
+            counter_group: "grp_1".into(),
+        }];
+        let decision = limiter
+            .admit(AdmitRequest {
+                limits: &limits,
+                slug: "acme/m",
+                mode: LimitMode::Cascading,
+                estimated_tokens: 11,
+            })
+            .await
+            .unwrap();
+        let Decision::Admitted { reservation, .. } = decision else {
+            panic!("refused");
+        };
+        assert_eq!(limiter.current_usage(&day_tokens()), Some(11));
+        let shared: Arc<dyn Limiter> = limiter.clone();
         let meter = Meter {
             store: Arc::clone(&store),
             clock: Arc::new(SystemClock),
@@ -670,8 +782,20 @@ mod tests {
                 workspace_id: "ws_1".into(),
                 prompt_estimate: 11,
             },
+            settlement: Settlement::new(shared, reservation),
         };
-        (meter, store)
+        (meter, store, limiter)
+    }
+
+    /// What [`day_tokens`] holds once pending settlements ran.
+    async fn settled_tokens(limiter: &InProcessLimiter, expected: u64) -> Option<u64> {
+        for _ in 0..100 {
+            if limiter.current_usage(&day_tokens()) == Some(expected) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        limiter.current_usage(&day_tokens())
     }
 
     fn body(meter: Meter, strip: bool) -> (MeteredBody, Upstream) {
@@ -727,7 +851,7 @@ mod tests {
 
     #[tokio::test]
     async fn done_is_released_only_after_the_event_is_stored() {
-        let (meter, store) = meter().await;
+        let (meter, store, limiter) = limited_meter().await;
         let (mut body, upstream) = body(meter, false);
         send(&upstream, CONTENT);
         assert_eq!(next_text(&mut body).await.unwrap(), CONTENT);
@@ -751,8 +875,34 @@ mod tests {
         assert_eq!(event.request_id, "req_test");
         assert_eq!(event.request_metadata.as_deref(), Some(r#"{"k":1}"#));
         assert!(event.idempotency_key.starts_with("evt_"));
+        // ... and the reservation settled to the reported 10 + 2.
+        assert_eq!(limiter.current_usage(&day_tokens()), Some(12));
         assert!(next_text(&mut body).await.is_none());
         assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn done_ends_the_stream_at_once() {
+        let (meter, store, limiter) = limited_meter().await;
+        let (mut body, upstream) = body(meter, false);
+        // The upstream keeps its connection open after [DONE].
+        send(
+            &upstream,
+            &format!("{CONTENT}{FINISH}{USAGE}data: [DONE]\n\n"),
+        );
+        let mut text = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(piece) = next_text(&mut body).await {
+                text.push_str(&piece);
+            }
+        });
+        read.await.expect("the body must end at [DONE]");
+        assert_eq!(text, format!("{CONTENT}{FINISH}{USAGE}data: [DONE]\n\n"));
+        assert!(upstream.is_closed(), "the upstream is let go at [DONE]");
+        let stored = events(&store).await;
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].status, UsageStatus::Completed);
+        assert_eq!(limiter.current_usage(&day_tokens()), Some(12));
     }
 
     #[tokio::test]
@@ -774,8 +924,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_done_read_up_to_a_cr_takes_the_lf_that_follows() {
+        let crlf = |text: &str| text.replace("\n", "\r\n");
+        for lf_follows in [true, false] {
+            let (meter, store, limiter) = limited_meter().await;
+            let (mut body, upstream) = body(meter, false);
+            send(&upstream, &crlf(&format!("{CONTENT}{USAGE}")));
+            send(&upstream, "data: [DONE]\r\n\r");
+            if lf_follows {
+                let late = upstream.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    send(&late, "\n");
+                });
+            }
+            let started = tokio::time::Instant::now();
+            let mut text = String::new();
+            while let Some(piece) = next_text(&mut body).await {
+                text.push_str(&piece);
+            }
+            let ending = if lf_follows { "\r\n\r\n" } else { "\r\n\r" };
+            assert_eq!(
+                text,
+                format!("{}data: [DONE]{ending}", crlf(&format!("{CONTENT}{USAGE}")))
+            );
+            // The upstream stays open either way: the wait is the grace at most.
+            assert!(started.elapsed() < Duration::from_secs(2));
+            assert!(upstream.is_closed());
+            assert_eq!(events(&store).await[0].status, UsageStatus::Completed);
+            assert_eq!(limiter.current_usage(&day_tokens()), Some(12));
+        }
+    }
+
+    #[tokio::test]
     async fn dropping_mid_stream_closes_the_upstream_and_bills_client_cancelled() {
-        let (meter, store) = meter().await;
+        let (meter, store, limiter) = limited_meter().await;
         let (mut body, upstream) = body(meter, false);
         for _ in 0..3 {
             send(&upstream, CONTENT);
@@ -789,6 +972,8 @@ mod tests {
         assert_eq!(event.status, UsageStatus::ClientCancelled);
         assert_eq!((event.input_tokens, event.output_tokens), (11, 3));
         assert!(event.is_estimated);
+        // Settled with the event's own total.
+        assert_eq!(settled_tokens(&limiter, 14).await, Some(14));
     }
 
     #[tokio::test]
@@ -831,7 +1016,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stream_that_opens_with_an_error_is_not_billed() {
-        let (meter, store) = meter().await;
+        let (meter, store, limiter) = limited_meter().await;
         let (mut body, upstream) = body(meter, false);
         let error = "data: {\"error\":{\"message\":\"overloaded\"}}\n\ndata: [DONE]\n\n";
         send(&upstream, error);
@@ -841,19 +1026,40 @@ mod tests {
             text.push_str(&piece);
         }
         assert_eq!(text, error);
+        // Refunded before the body ended.
+        assert_eq!(limiter.current_usage(&day_tokens()), Some(0));
         drop(body);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(events(&store).await.is_empty());
     }
 
     #[tokio::test]
+    async fn a_body_dropped_before_its_error_first_event_ends_is_refunded() {
+        let (meter, store, limiter) = limited_meter().await;
+        let (mut body, upstream) = body(meter, false);
+        send(&upstream, "data: {\"error\":{\"message\":\"m\"}}\n\n");
+        next_text(&mut body).await.unwrap();
+        drop(body);
+        assert_eq!(settled_tokens(&limiter, 0).await, Some(0));
+        assert!(events(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unused_meter_refunds_its_reservation() {
+        let (meter, _store, limiter) = limited_meter().await;
+        drop(meter);
+        assert_eq!(settled_tokens(&limiter, 0).await, Some(0));
+    }
+
+    #[tokio::test]
     async fn a_complete_answer_left_by_its_client_is_billed_by_estimate() {
-        let (first, store) = meter().await;
+        let (first, store, limiter) = limited_meter().await;
         drop(CancelGuard::new(first));
         let stored = wait_for_events(&store).await;
         assert_eq!(stored[0].status, UsageStatus::ClientCancelled);
         assert_eq!((stored[0].input_tokens, stored[0].output_tokens), (11, 0));
         assert!(stored[0].is_estimated);
+        assert_eq!(settled_tokens(&limiter, 11).await, Some(11));
 
         let (second, store) = meter().await;
         let guard = CancelGuard::new(second);

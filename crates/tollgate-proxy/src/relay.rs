@@ -4,7 +4,11 @@
 //! that status and the upstream's body (OpenAI-shaped bodies as they are, any other shape
 //! wrapped in it), never as a 200 stream. An upstream 401/403 refuses the gateway's own
 //! credentials, not the caller's: it is a 502. A complete 2xx body is metered and
-//! committed before it is answered; an event stream goes through the metered body.
+//! committed before it is answered; an event stream goes through the metered body, but
+//! only once its first event has arrived: a 200 stream whose first event is an error
+//! (TGI does this) is answered as an error status, like any other failed request.
+//! Every path ends the request's token reservation: settled where the usage event is
+//! stored, refunded where nothing is billed.
 
 use std::time::Duration;
 
@@ -12,13 +16,14 @@ use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
 use futures::StreamExt;
 use serde_json::Value;
 use tollgate_store::UsageStatus;
 
 use crate::error::{error_response, ProxyError};
 use crate::metering::{CancelGuard, Meter, Metered, MeteredBody};
-use crate::tap::summarize_body;
+use crate::tap::{summarize_body, StreamTap};
 
 /// Largest upstream error body passed on.
 const MAX_ERROR_BODY: usize = 1024 * 1024;
@@ -42,12 +47,14 @@ pub async fn relay(
     idle: Duration,
 ) -> Result<Response, ProxyError> {
     let status = upstream.status();
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        // The target's secret is wrong or lacks access: the operator's to fix. Passing the
-        // 401 on would tell the caller its own key was refused.
-        return Err(ProxyError::UpstreamAuthFailed(status.as_u16()));
-    }
     if !status.is_success() {
+        // A failed request: nothing billed, the reserved tokens go back.
+        meter.refund().await;
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            // The target's secret is wrong or lacks access: the operator's to fix. Passing
+            // the 401 on would tell the caller its own key was refused.
+            return Err(ProxyError::UpstreamAuthFailed(status.as_u16()));
+        }
         if status.is_client_error() || status.is_server_error() {
             return Ok(error_status(upstream, idle).await);
         }
@@ -63,7 +70,7 @@ pub async fn relay(
                 .starts_with("text/event-stream")
         });
     if is_event_stream {
-        return Ok(stream(upstream, status, content_type, shape, meter, idle));
+        return stream(upstream, status, content_type, shape, meter, idle).await;
     }
     complete(upstream, status, content_type, meter, idle).await
 }
@@ -107,7 +114,19 @@ async fn error_status(upstream: reqwest::Response, idle: Duration) -> Response {
     let body = read_capped(upstream, MAX_ERROR_BODY, idle)
         .await
         .unwrap_or_default();
-    let mut response = if is_openai_error(&body) {
+    let mut response = error_answer(status, body);
+    if let Some(retry_after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, retry_after);
+    }
+    response
+}
+
+/// An upstream error with `status`: an OpenAI-shaped `body` as it is, any other shape
+/// wrapped in one keeping its message.
+fn error_answer(status: StatusCode, body: Bytes) -> Response {
+    if is_openai_error(&body) {
         (
             status,
             [(
@@ -132,13 +151,19 @@ async fn error_status(upstream: reqwest::Response, idle: Duration) -> Response {
             None,
             Some("upstream_error"),
         )
-    };
-    if let Some(retry_after) = retry_after {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, retry_after);
     }
-    response
+}
+
+/// The HTTP status an error event asks for: its numeric `code` or `status` (nested under
+/// `error` or flat) when that is a 4xx or 5xx.
+fn error_event_status(data: &[u8]) -> Option<StatusCode> {
+    let value = serde_json::from_slice::<Value>(data).ok()?;
+    ["/error/code", "/error/status", "/code", "/status"]
+        .iter()
+        .filter_map(|pointer| value.pointer(pointer)?.as_u64())
+        .filter_map(|code| u16::try_from(code).ok())
+        .filter(|code| (400..=599).contains(code))
+        .find_map(|code| StatusCode::from_u16(code).ok())
 }
 
 /// `{"error": {...}}`: the OpenAI shape, passed on as it is.
@@ -180,41 +205,123 @@ async fn complete(
     let guard = CancelGuard::new(meter);
     let read = read_capped(upstream, MAX_COMPLETE_BODY, idle).await;
     let meter = guard.disarm();
-    let body = read.map_err(|failure| match failure {
-        ReadFailure::TooLong => ProxyError::UpstreamInvalid,
-        ReadFailure::BrokenOff => ProxyError::UpstreamUnreachable,
-        ReadFailure::Silent => ProxyError::UpstreamTimeout(idle),
-    })?;
+    let body = match read {
+        Ok(body) => body,
+        Err(failure) => {
+            if let Some(meter) = meter {
+                meter.refund().await;
+            }
+            return Err(match failure {
+                ReadFailure::TooLong => ProxyError::UpstreamInvalid,
+                ReadFailure::BrokenOff => ProxyError::UpstreamUnreachable,
+                ReadFailure::Silent => ProxyError::UpstreamTimeout(idle),
+            });
+        }
+    };
     let summary = summarize_body(&body);
-    if let Some(meter) = meter.filter(|_| !summary.is_error) {
-        let tokens = Metered::of_body(&summary, &body, meter.context.prompt_estimate);
-        if !meter.commit(UsageStatus::Completed, tokens).await {
-            return Err(ProxyError::Internal(
-                "the usage event of a complete answer could not be stored".into(),
-            ));
+    if let Some(meter) = meter {
+        if summary.is_error {
+            meter.refund().await;
+        } else {
+            let tokens = Metered::of_body(&summary, &body, meter.context.prompt_estimate);
+            if !meter.commit(UsageStatus::Completed, tokens).await {
+                return Err(ProxyError::Internal(
+                    "the usage event of a complete answer could not be stored".into(),
+                ));
+            }
         }
     }
     let content_type = content_type.unwrap_or(HeaderValue::from_static("application/json"));
     Ok((status, [(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
-/// A 2xx event stream, forwarded through the metered body.
-fn stream(
+/// Bytes read ahead of a stream's first event before giving up waiting for it (an
+/// event the tap cannot read, over its 1 MiB bound, is forwarded as it is).
+const MAX_OPENING_BYTES: usize = 2 * 1024 * 1024;
+
+/// How a 2xx stream opened.
+enum Opening {
+    /// Forward it: what was read ahead, then the rest.
+    Stream(BoxStream<'static, reqwest::Result<Bytes>>),
+    /// The first event was an error; its data.
+    ErrorFirst(Vec<u8>),
+    /// The upstream sent no event within the idle bound.
+    Silent,
+}
+
+/// Reads until the stream's first event (comments and keep-alives before it do not
+/// count), its end, or the idle bound. Holding the response headers this long delays
+/// nothing the client could use, and lets a failure announced by the first event be
+/// answered with an error status (`relay::tests::an_error_first_stream_is_an_error_status`).
+async fn open_stream(
+    mut chunks: BoxStream<'static, reqwest::Result<Bytes>>,
+    idle: Duration,
+) -> Opening {
+    let mut probe = StreamTap::new(false);
+    let mut read: Vec<reqwest::Result<Bytes>> = Vec::new();
+    let mut read_bytes = 0_usize;
+    loop {
+        let Ok(next) = tokio::time::timeout(idle, chunks.next()).await else {
+            return Opening::Silent;
+        };
+        match next {
+            Some(Ok(chunk)) => {
+                read_bytes = read_bytes.saturating_add(chunk.len());
+                probe.feed(chunk.clone());
+                read.push(Ok(chunk));
+                if let Some(error) = probe.first_error() {
+                    return Opening::ErrorFirst(error.to_vec());
+                }
+                if probe.has_read_an_event() || read_bytes > MAX_OPENING_BYTES {
+                    return Opening::Stream(futures::stream::iter(read).chain(chunks).boxed());
+                }
+            }
+            Some(Err(e)) => {
+                read.push(Err(e));
+                return Opening::Stream(futures::stream::iter(read).boxed());
+            }
+            None => {
+                probe.finish();
+                if let Some(error) = probe.first_error() {
+                    return Opening::ErrorFirst(error.to_vec());
+                }
+                return Opening::Stream(futures::stream::iter(read).boxed());
+            }
+        }
+    }
+}
+
+/// A 2xx event stream: once its first event is known, forwarded through the metered body
+/// — or, when that event is an error, answered as an error status and not billed.
+async fn stream(
     upstream: reqwest::Response,
     status: StatusCode,
     content_type: Option<HeaderValue>,
     shape: Shape,
     meter: Meter,
     idle: Duration,
-) -> Response {
-    let body = MeteredBody::new(
-        upstream.bytes_stream().boxed(),
-        shape.strip_usage_chunk,
-        meter,
-        idle,
-    );
+) -> Result<Response, ProxyError> {
+    // Bills the request, as a stream cut by its client, if the client leaves meanwhile.
+    let guard = CancelGuard::new(meter);
+    let opening = open_stream(upstream.bytes_stream().boxed(), idle).await;
+    let Some(meter) = guard.disarm() else {
+        return Err(ProxyError::Internal("a stream's meter went missing".into()));
+    };
+    let chunks = match opening {
+        Opening::Stream(chunks) => chunks,
+        Opening::ErrorFirst(data) => {
+            meter.refund().await;
+            let status = error_event_status(&data).unwrap_or(StatusCode::BAD_GATEWAY);
+            return Ok(error_answer(status, Bytes::from(data)));
+        }
+        Opening::Silent => {
+            meter.refund().await;
+            return Err(ProxyError::UpstreamTimeout(idle));
+        }
+    };
+    let body = MeteredBody::new(chunks, shape.strip_usage_chunk, meter, idle);
     let content_type = content_type.unwrap_or(HeaderValue::from_static("text/event-stream"));
-    (
+    Ok((
         status,
         [
             (header::CONTENT_TYPE, content_type),
@@ -226,7 +333,7 @@ fn stream(
         ],
         Body::new(body),
     )
-        .into_response()
+        .into_response())
 }
 
 #[cfg(test)]
@@ -293,6 +400,121 @@ mod tests {
         )
         .await;
         assert_eq!(read, Err(ReadFailure::TooLong));
+    }
+
+    #[test]
+    fn an_error_event_names_its_status_when_it_is_an_http_error() {
+        let cases: [(&[u8], Option<u16>); 8] = [
+            (br#"{"error":{"message":"m","code":503}}"#, Some(503)),
+            (br#"{"error":{"message":"m","status":429}}"#, Some(429)),
+            (br#"{"object":"error","message":"m","code":400}"#, Some(400)),
+            (br#"{"error":"m","status":500}"#, Some(500)),
+            (
+                br#"{"error":{"message":"m","code":"internal_error"}}"#,
+                None,
+            ),
+            (br#"{"error":{"message":"m","code":200}}"#, None),
+            (br#"{"error":"m","error_type":"validation"}"#, None),
+            (b"not json", None),
+        ];
+        for (data, status) in cases {
+            assert_eq!(
+                error_event_status(data).map(|s| s.as_u16()),
+                status,
+                "{}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    }
+
+    /// Upstream reads, then silence with the connection open.
+    fn reads_then_silence(reads: &[&'static str]) -> BoxStream<'static, reqwest::Result<Bytes>> {
+        let reads: Vec<reqwest::Result<Bytes>> = reads
+            .iter()
+            .map(|read| Ok(Bytes::from_static(read.as_bytes())))
+            .collect();
+        futures::stream::iter(reads)
+            .chain(futures::stream::pending())
+            .boxed()
+    }
+
+    #[tokio::test]
+    async fn an_error_first_stream_is_an_error_status() {
+        let error = r#"{"error":{"message":"overloaded","type":"server_error","code":503}}"#;
+        let reads = [": ping\n\ndata: : keepalive\n\n", "data: ", error, "\n\n"];
+        let opening = open_stream(reads_then_silence(&reads), Duration::from_secs(5)).await;
+        let Opening::ErrorFirst(data) = opening else {
+            panic!("an error-first stream must be caught");
+        };
+        assert_eq!(data, error.as_bytes());
+        let status = error_event_status(&data).unwrap_or(StatusCode::BAD_GATEWAY);
+        let response = error_answer(status, Bytes::from(data));
+        assert_eq!(response.status(), 503);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&body[..], error.as_bytes());
+
+        // TGI's string shape: 502, wrapped with its message.
+        let reads =
+            ["data: {\"error\":\"Input validation error\",\"error_type\":\"validation\"}\n\n"];
+        let Opening::ErrorFirst(data) =
+            open_stream(reads_then_silence(&reads), Duration::from_secs(5)).await
+        else {
+            panic!("an error-first stream must be caught");
+        };
+        let status = error_event_status(&data).unwrap_or(StatusCode::BAD_GATEWAY);
+        let response = error_answer(status, Bytes::from(data));
+        assert_eq!(response.status(), 502);
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap(),
+            serde_json::json!({"error": {
+                "message": "Input validation error",
+                "type": "upstream_error",
+                "param": null,
+                "code": "upstream_error",
+            }})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_opening_with_content_is_replayed_whole() {
+        let reads = [
+            ": keep-alive\n\n",
+            "data: {\"choices\":[]",
+            "}\n\ndata: {\"a\":1}\n\n",
+        ];
+        let opening = open_stream(reads_then_silence(&reads), Duration::from_secs(5)).await;
+        let Opening::Stream(mut replay) = opening else {
+            panic!("a stream opening with content is forwarded");
+        };
+        let mut replayed = Vec::new();
+        for _ in 0..reads.len() {
+            replayed.extend_from_slice(&replay.next().await.unwrap().unwrap());
+        }
+        assert_eq!(replayed, reads.concat().as_bytes());
+
+        // Ended before any event: forwarded (the metered body reports the cut).
+        let ended = futures::stream::iter([Ok(Bytes::from_static(b": only a comment\n\n"))]);
+        let opening = open_stream(ended.boxed(), Duration::from_secs(5)).await;
+        assert!(matches!(opening, Opening::Stream(_)));
+    }
+
+    #[tokio::test]
+    async fn a_stream_silent_before_its_first_event_is_a_timeout() {
+        let started = std::time::Instant::now();
+        let opening = open_stream(
+            reads_then_silence(&[": ping\n\n"]),
+            Duration::from_millis(100),
+        )
+        .await;
+        assert!(matches!(opening, Opening::Silent));
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Thin handlers: each inference route runs the same path — auth → entitlement →
-//! (limits) → upstream → metering — and only says which upstream path it maps to.
+//! limits → upstream → metering — and only says which upstream path it maps to.
 
 use std::sync::Arc;
 
@@ -8,11 +8,13 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use tollgate_core::endpoint::Target;
 use tollgate_core::ids::{new_id, IdKind, RequestId};
 
 use crate::auth::authenticate;
 use crate::entitlement::entitlement;
 use crate::error::{error_response, ProxyError};
+use crate::limits::{admit, insert_rate_headers, Admission};
 use crate::metering::{prompt_estimate, EventContext, Meter};
 use crate::models::callable_models;
 use crate::relay::{relay, Shape};
@@ -138,17 +140,24 @@ async fn proxy(
     let parsed = ParsedRequest::parse(&body, route)?;
     let allowed = entitlement(state.store.as_ref(), &caller, &parsed.model).await?;
 
-    // Limits (SPEC §2) are admitted here: after entitlement, before any upstream
-    // contact, against `allowed.limits`; the reservation is settled where
-    // `metering::record` stores the request's usage event.
-
-    let call = UpstreamCall {
-        route,
-        request: &parsed,
-        client_headers: &parts.headers,
-        request_id: &request_id.0,
+    // Limits: after the body is read and parsed (a 413 or 400 is never counted), before
+    // any upstream contact.
+    let prompt_estimate = prompt_estimate(parsed.body_len);
+    let admission = admit(
+        &state.limiter,
+        &caller,
+        &allowed.limits,
+        &parsed.model,
+        prompt_estimate,
+    )
+    .await?;
+    let (settlement, rate_headers) = match admission {
+        Admission::Refused(response) => return Ok(response),
+        Admission::Admitted {
+            settlement,
+            headers,
+        } => (settlement, headers),
     };
-    let upstream = send(state, &plane.health, &allowed.endpoint.targets, &call).await?;
 
     let meter = Meter {
         store: Arc::clone(&state.store),
@@ -161,8 +170,41 @@ async fn proxy(
             api_key_prefix: caller.key_prefix,
             group_id: caller.group_id,
             workspace_id: caller.workspace_id,
-            prompt_estimate: prompt_estimate(parsed.body_len),
+            prompt_estimate,
         },
+        settlement,
+    };
+    let call = UpstreamCall {
+        route,
+        request: &parsed,
+        client_headers: &parts.headers,
+        request_id: &request_id.0,
+    };
+    let mut response = serve(plane, &allowed.endpoint.targets, &call, meter, &parsed)
+        .await
+        .unwrap_or_else(|e| e.into_logged_response(&request_id.0));
+    // Every answer to an admitted request says where its limits stand, errors included.
+    insert_rate_headers(&rate_headers, response.headers_mut());
+    Ok(response)
+}
+
+/// An admitted request: the upstream call and its answer. Every path ends the meter's
+/// reservation (`relay` settles or refunds; here, a call that never got an answer
+/// refunds).
+async fn serve(
+    plane: &DataPlane,
+    targets: &[Target],
+    call: &UpstreamCall<'_>,
+    meter: Meter,
+    parsed: &ParsedRequest,
+) -> Result<Response, ProxyError> {
+    let state = &plane.state;
+    let upstream = match send(state, &plane.health, targets, call).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            meter.refund().await;
+            return Err(e);
+        }
     };
     let shape = Shape {
         strip_usage_chunk: parsed.is_stream && !parsed.client_wants_usage,

@@ -147,6 +147,18 @@ impl StreamTap {
         self.reader.is_done
     }
 
+    /// True once the stream's first event (a JSON chunk, an error, or `[DONE]`) has been
+    /// read; comments, keep-alives and non-JSON data before it do not count.
+    pub fn has_read_an_event(&self) -> bool {
+        self.reader.json_events > 0 || self.reader.is_done
+    }
+
+    /// The data of the first event when that event was an error (what a 200 that failed
+    /// says about why).
+    pub fn first_error(&self) -> Option<&[u8]> {
+        self.reader.first_error.as_deref()
+    }
+
     /// True when the last event was read at EOF without its closing blank line.
     pub fn recovered_at_eof(&self) -> bool {
         self.reader.recovered_at_eof
@@ -189,6 +201,8 @@ struct StreamReader {
     has_finish: bool,
     has_error: bool,
     is_error_first: bool,
+    /// The first event's data, when it was an error.
+    first_error: Option<Vec<u8>>,
     json_events: u64,
     content_chunks: u64,
     recovered_at_eof: bool,
@@ -237,7 +251,10 @@ impl StreamReader {
             }
         };
         if facts.is_error {
-            self.is_error_first |= self.json_events == 0;
+            if self.json_events == 0 {
+                self.is_error_first = true;
+                self.first_error = Some(event.data.clone());
+            }
             self.has_error = true;
         }
         self.json_events += 1;

@@ -203,10 +203,13 @@ impl Reply {
                 plan.tail = Tail::HalfLastThenEnd;
             }
             Ending::NoDone => self.push_finish(&mut plan),
-            Ending::Done | Ending::DoneNoBlank => {
+            Ending::Done | Ending::DoneNoBlank | Ending::DoneStall => {
                 self.push_finish(&mut plan);
                 plan.events.push((Payload::Done, false));
                 plan.is_done_unterminated = self.script.ending == Ending::DoneNoBlank;
+                if self.script.ending == Ending::DoneStall {
+                    plan.tail = Tail::Stall;
+                }
             }
         }
         plan

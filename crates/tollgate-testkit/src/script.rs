@@ -142,6 +142,9 @@ pub enum Ending {
     Reset,
     /// Content, then silence with the connection open.
     Stall,
+    /// As `Done`, then silence with the connection open (a server that does not close
+    /// after `[DONE]`).
+    DoneStall,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,6 +358,7 @@ impl Script {
                         ("eof_mid_event", Ending::EofMidEvent),
                         ("reset", Ending::Reset),
                         ("stall", Ending::Stall),
+                        ("done_stall", Ending::DoneStall),
                     ],
                 )?
             }
@@ -514,6 +518,11 @@ mod tests {
                 "m?framing=lff",
                 "mock script: `framing=lff` is not valid (expected lf, crlf, cr, nospace, \
                  twospace, bom, multiline, comments, keepalive_data, event_id, trailing_spaces)",
+            ),
+            (
+                "m?ending=done_stal",
+                "mock script: `ending=done_stal` is not valid (expected done, done_no_blank, \
+                 no_done, eof_mid_event, reset, stall, done_stall)",
             ),
             (
                 "m?error_event=second",

@@ -9,4 +9,4 @@ pub mod demo;
 pub mod server;
 
 pub use config::Config;
-pub use server::{start, RunningServer};
+pub use server::{start, start_with_clock, RunningServer};

@@ -75,7 +75,14 @@ impl RunningServer {
 
 /// Opens the store, bootstraps, binds `config.listen` and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// [`start`] with the clock every part of the server reads (tests pass a `ManualClock`).
+pub async fn start_with_clock(
+    config: Config,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<RunningServer> {
     crate::config::check_database_url(&config.database_url)?;
     let sqlite = Arc::new(
         SqliteStore::open(&config.database_url)
@@ -100,10 +107,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         allow_private_networks,
     });
     let http = tollgate_proxy::http_client().context("building the upstream HTTP client")?;
+    // DAY counters start each day from the usage already stored, so a restart never
+    // resets a customer's day.
+    let limiter = Arc::new(tollgate_limits::InProcessLimiter::new(
+        clock.clone(),
+        Arc::new(tollgate_limits::StoreBaseline::new(store.clone())),
+    ));
     let proxy = tollgate_proxy::router(tollgate_proxy::ProxyState {
         store: store.clone(),
         clock: clock.clone(),
         sealer: sealer.clone(),
+        limiter,
         config: tollgate_proxy::ProxyConfig {
             max_body_bytes: config.max_body_bytes,
             first_byte_timeout: config.upstream_timeout,

@@ -766,6 +766,36 @@ fn error_first_after_comments_and_keepalives_is_still_first() {
 }
 
 #[test]
+fn the_first_event_is_known_once_read_and_its_error_kept() {
+    let error = r#"{"error":{"message":"overloaded","code":503}}"#;
+    let mut tap = StreamTap::new(false);
+    tap.feed(Bytes::from_static(b": ping\n\ndata: : keepalive\n\n"));
+    assert!(
+        !tap.has_read_an_event(),
+        "comments and keep-alives are not events"
+    );
+    tap.feed(Bytes::from(format!("data: {error}")));
+    assert!(!tap.has_read_an_event(), "not until its blank line");
+    tap.feed(Bytes::from_static(b"\n\n"));
+    assert!(tap.has_read_an_event());
+    assert_eq!(tap.first_error(), Some(error.as_bytes()));
+
+    let mut tap = StreamTap::new(true);
+    tap.feed(Bytes::from(ev(&content("a"))));
+    assert!(tap.has_read_an_event());
+    tap.feed(Bytes::from(ev(r#"{"error":"later"}"#)));
+    assert_eq!(
+        tap.first_error(),
+        None,
+        "an error after content is not the first event"
+    );
+
+    let mut tap = StreamTap::new(false);
+    tap.feed(Bytes::from_static(DONE.as_bytes()));
+    assert!(tap.has_read_an_event(), "[DONE] alone is an event");
+}
+
+#[test]
 fn error_after_content_then_done_is_an_error_event() {
     let err = r#"{"error":{"message":"CUDA out of memory","type":"InternalServerError","param":null,"code":500}}"#;
     let input = format!(

@@ -518,6 +518,15 @@ async fn endings_on_the_wire() {
     let (body, stop) = run("stall").await;
     assert_eq!(stop, Stop::Idle);
     assert_eq!(events(body.as_bytes()).len(), 4);
+    // Everything, [DONE] included, then the connection stays open.
+    let (body, stop) = run("done_stall").await;
+    assert_eq!(stop, Stop::Idle);
+    assert!(body.ends_with("}\n\ndata: [DONE]\n\n"));
+    assert_eq!(
+        events(body.as_bytes()).len(),
+        7,
+        "role, 3 tokens, finish, usage, [DONE]"
+    );
 }
 
 #[tokio::test]

@@ -215,7 +215,6 @@ enum Bill {
     Reported(u64, u64),
     /// Prompt estimate, and this many completion tokens (content chunks).
     Estimated(u64),
-    Nothing,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -347,17 +346,8 @@ const VARIANTS: &[Variant] = &[
     variant("id=empty", COMPLETE),
     variant("id=per_chunk", COMPLETE),
     variant("id=fixed", COMPLETE),
-    // Errors inside a 200.
-    variant("error_event=first", Bill::Nothing),
-    variant("error_event=first&then=eof", Bill::Nothing),
-    variant("error_event=first&error_shape=flat", Bill::Nothing),
-    variant("error_event=first&error_shape=string", Bill::Nothing),
-    variant("error_event=first&error_shape=detail", Bill::Nothing),
-    variant(
-        "error_event=first&error_shape=nested_int_code",
-        Bill::Nothing,
-    ),
-    variant("error_event=first&framing=event_id", Bill::Nothing),
+    // Errors inside a 200 (a 200 whose first event is an error is an error status:
+    // `stream_ends::a_stream_whose_first_event_is_an_error_is_an_error_status`).
     variant("error_event=after:2", Bill::Estimated(2)).failing(MID),
     variant("error_event=after:2&then=eof", Bill::Estimated(2)).failing(MID),
     variant("error_event=after:2&usage_on=every", Bill::Reported(10, 2)).failing(MID),
@@ -444,7 +434,6 @@ async fn every_upstream_variant_reaches_the_client_byte_for_byte_and_is_billed_e
                 ));
             }
             let expected_event = match variant.bill {
-                Bill::Nothing => None,
                 Bill::Reported(p, c) => Some(((p, c), false)),
                 Bill::Estimated(c) => Some(((prompt_estimate(&body), c), true)),
             };
@@ -1080,21 +1069,35 @@ async fn a_stream_that_stalls_is_ended_with_an_error_event_and_billed_as_cut() {
         ("acme/nothing", "echo?completion_tokens=0&ending=stall"),
     ])
     .await;
-    for (path, slug, body, completion) in [
-        (
-            "/v1/chat/completions",
-            "acme/content",
-            json!({"model": "acme/content", "messages": [{"role": "user", "content": PROMPT}], "stream": true}),
-            6,
-        ),
-        // Completions have no opening chunk: nothing at all after the headers.
-        (
-            "/v1/completions",
-            "acme/nothing",
-            json!({"model": "acme/nothing", "prompt": PROMPT, "stream": true}),
-            0,
-        ),
-    ] {
+    // Completions have no opening chunk: nothing at all after the headers. The gateway
+    // holds the headers until the first event, so this is a timeout, not billed.
+    let body = json!({"model": "acme/nothing", "prompt": PROMPT, "stream": true});
+    let started = std::time::Instant::now();
+    let response = lab
+        .post("/v1/completions", &body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    let (status, answer) = status_json(response).await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(status, 504);
+    assert_eq!(answer["error"]["code"], "upstream_timeout");
+    assert!(events_of(&lab.server, &id).await.is_empty());
+    assert!(
+        lab.server
+            .mock
+            .wait_for_disconnects(1, Duration::from_secs(5))
+            .await,
+        "the silent upstream must be closed"
+    );
+    for (path, slug, body, completion) in [(
+        "/v1/chat/completions",
+        "acme/content",
+        json!({"model": "acme/content", "messages": [{"role": "user", "content": PROMPT}], "stream": true}),
+        6,
+    )] {
         lab.server.mock.clear();
         let started = std::time::Instant::now();
         let response = lab
@@ -1163,7 +1166,24 @@ async fn an_error_event_followed_by_silence_ends_the_stream() {
         ("acme/first", "echo?error_event=first&then=nothing"),
     ])
     .await;
-    for (slug, billed) in [("acme/mid", true), ("acme/first", false)] {
+    // A first event that is an error is answered at once as an error status, whatever
+    // the upstream does next.
+    let body = json!({"model": "acme/first", "messages": [{"role": "user", "content": PROMPT}], "stream": true});
+    let response = lab
+        .post("/v1/chat/completions", &body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&response);
+    let (status, answer) = status_json(response).await;
+    assert_eq!(status, 502);
+    assert_eq!(
+        answer["error"]["message"],
+        "mock upstream: failure while generating"
+    );
+    assert!(events_of(&lab.server, &id).await.is_empty());
+    for (slug, billed) in [("acme/mid", true)] {
         let body = json!({"model": slug, "messages": [{"role": "user", "content": PROMPT}], "stream": true});
         let response = lab
             .post("/v1/chat/completions", &body)

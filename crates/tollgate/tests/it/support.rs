@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tollgate::config::{Config, LogFormat};
 use tollgate::RunningServer;
+use tollgate_core::{Clock, SystemClock};
 use tollgate_store::Store;
 use tollgate_testkit::MockUpstream;
 
@@ -22,6 +23,8 @@ pub struct TestServer {
     pub mock: MockUpstream,
     pub dir: TempDir,
     server: Option<RunningServer>,
+    /// The server's clock, kept across [`TestServer::restart`].
+    clock: Arc<dyn Clock>,
 }
 
 /// The configuration tests start from: private networks allowed (the mock is on
@@ -50,9 +53,39 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(&dir);
         adjust(&mut config);
-        let admin_key = config.admin_key.clone().unwrap();
-        let server = tollgate::start(config).await.unwrap();
         let mock = MockUpstream::start().await.unwrap();
+        Self::launch(config, Arc::new(SystemClock), dir, mock).await
+    }
+
+    /// Starts with `clock` as the server's clock (limits, events, timestamps), so window
+    /// tests move time instead of sleeping.
+    pub async fn start_with_clock(clock: Arc<dyn Clock>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = test_config(&dir);
+        let mock = MockUpstream::start().await.unwrap();
+        Self::launch(config, clock, dir, mock).await
+    }
+
+    /// Graceful shutdown, then a new server over the same data directory (the same
+    /// SQLite file), with the same clock and mock, as an operator's restart.
+    pub async fn restart(mut self) -> Self {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.unwrap();
+        }
+        let config = test_config(&self.dir);
+        Self::launch(config, self.clock, self.dir, self.mock).await
+    }
+
+    async fn launch(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        dir: TempDir,
+        mock: MockUpstream,
+    ) -> Self {
+        let admin_key = config.admin_key.clone().unwrap();
+        let server = tollgate::start_with_clock(config, Arc::clone(&clock))
+            .await
+            .unwrap();
         Self {
             base_url: format!("http://{}", server.local_addr()),
             admin_key,
@@ -61,6 +94,7 @@ impl TestServer {
             mock,
             dir,
             server: Some(server),
+            clock,
         }
     }
 
