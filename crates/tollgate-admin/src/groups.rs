@@ -403,7 +403,7 @@ async fn pool_members(
 ) -> ApiResult<Vec<String>> {
     let mut ids = vec![counter_group.to_owned()];
     if mode == LimitMode::Cascading {
-        ids.extend(state.store.descendant_ids(counter_group).await?);
+        ids.extend(state.store.pool_descendant_ids(counter_group).await?);
     }
     Ok(ids)
 }

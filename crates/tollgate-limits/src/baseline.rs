@@ -50,7 +50,7 @@ impl DayBaseline for StoreBaseline {
         if mode == LimitMode::Cascading {
             let descendants = self
                 .store
-                .descendant_ids(counter_group)
+                .pool_descendant_ids(counter_group)
                 .await
                 .map_err(|e| LimiterError::Baseline(e.to_string()))?;
             groups.extend(descendants);

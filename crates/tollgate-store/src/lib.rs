@@ -182,6 +182,8 @@ pub trait Store: Send + Sync + 'static {
         slug: &str,
         day_start: Timestamp,
     ) -> StoreResult<Option<DayUsage>>;
-    /// Ids of the group's live descendants (not including itself), any depth.
-    async fn descendant_ids(&self, id: &str) -> StoreResult<Vec<String>>;
+    /// Ids of every descendant of the group (not including itself), any depth, deleted
+    /// ones included: a CASCADING pool keeps counting what a since-deleted child spent
+    /// today, so deleting children can never refill an ancestor's daily pool.
+    async fn pool_descendant_ids(&self, id: &str) -> StoreResult<Vec<String>>;
 }

@@ -856,13 +856,9 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn descendant_ids(&self, id: &str) -> StoreResult<Vec<String>> {
+    async fn pool_descendant_ids(&self, id: &str) -> StoreResult<Vec<String>> {
         let mut conn = self.read.acquire().await?;
-        Ok(tree::descendants(&mut conn, id)
-            .await?
-            .into_iter()
-            .map(|group| group.id)
-            .collect())
+        tree::descendant_ids_with_deleted(&mut conn, id).await
     }
 }
 

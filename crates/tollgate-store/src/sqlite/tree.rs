@@ -72,6 +72,28 @@ pub(super) async fn descendants(conn: &mut SqliteConnection, id: &str) -> StoreR
         .collect()
 }
 
+/// Every descendant's id, deleted ones included (parents are immutable, so a deleted
+/// subtree keeps its shape).
+pub(super) async fn descendant_ids_with_deleted(
+    conn: &mut SqliteConnection,
+    id: &str,
+) -> StoreResult<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "WITH RECURSIVE sub(id, level) AS ( \
+             SELECT id, 1 FROM groups WHERE parent_id = ?1 \
+             UNION \
+             SELECT g.id, s.level + 1 FROM groups g JOIN sub s ON g.parent_id = s.id \
+             WHERE s.level < ?2 \
+         ) \
+         SELECT sub.id FROM sub JOIN groups g ON g.id = sub.id ORDER BY g.seq",
+    )
+    .bind(id)
+    .bind(MAX_WALK)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
 async fn external_id_taken(
     conn: &mut SqliteConnection,
     workspace_id: &str,

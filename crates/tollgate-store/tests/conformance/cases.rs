@@ -42,7 +42,7 @@ macro_rules! conformance_cases {
             list_groups_filters,
             usage_events_are_listed_filtered_and_idempotent,
             day_usage_sums_one_utc_day,
-            descendant_ids_cover_every_depth,
+            pool_descendant_ids_cover_every_depth,
             concurrent_group_writes_succeed_or_fail_cleanly,
         );
     };
@@ -1002,7 +1002,11 @@ pub async fn delete_group_removes_the_subtree_and_revokes_its_keys(store: Arc<dy
         .await
         .unwrap();
     assert_eq!(ids(&listed.items), ["grp_r", "grp_s"]);
-    assert_eq!(store.descendant_ids("grp_r").await.unwrap(), ["grp_s"]);
+    // The deleted child still belongs to the root's pool: its spend today keeps counting.
+    assert_eq!(
+        store.pool_descendant_ids("grp_r").await.unwrap(),
+        ["grp_a", "grp_b", "grp_c", "grp_s"]
+    );
 
     // A key inserted after its group was deleted (a request racing the delete) is
     // invisible.
@@ -1497,7 +1501,7 @@ pub async fn day_usage_sums_one_utc_day(store: Arc<dyn Store>) {
     assert_eq!(usage(&[], M, DAY).await, None);
 }
 
-pub async fn descendant_ids_cover_every_depth(store: Arc<dyn Store>) {
+pub async fn pool_descendant_ids_cover_every_depth(store: Arc<dyn Store>) {
     let ws = add_workspace(&store, "acme").await;
     let c = LimitMode::Cascading;
     add_group(&store, &ws, "grp_r", c, None, vec![bare(M)]).await;
@@ -1508,20 +1512,21 @@ pub async fn descendant_ids_cover_every_depth(store: Arc<dyn Store>) {
     add_group(&store, &ws, "grp_d", c, Some("grp_c"), vec![bare(M)]).await;
 
     assert_eq!(
-        store.descendant_ids("grp_r").await.unwrap(),
+        store.pool_descendant_ids("grp_r").await.unwrap(),
         ["grp_a", "grp_b", "grp_s", "grp_c", "grp_d"]
     );
     assert_eq!(
-        store.descendant_ids("grp_a").await.unwrap(),
+        store.pool_descendant_ids("grp_a").await.unwrap(),
         ["grp_b", "grp_c", "grp_d"]
     );
-    assert!(store.descendant_ids("grp_d").await.unwrap().is_empty());
-    assert!(store.descendant_ids("grp_nope").await.unwrap().is_empty());
+    assert!(store.pool_descendant_ids("grp_d").await.unwrap().is_empty());
+    assert!(store.pool_descendant_ids("grp_nope").await.unwrap().is_empty());
 
+    // Deleted descendants stay in the pool: what they spent today still counts.
     store.delete_group("grp_c", at(1)).await.unwrap().unwrap();
     assert_eq!(
-        store.descendant_ids("grp_r").await.unwrap(),
-        ["grp_a", "grp_b", "grp_s"]
+        store.pool_descendant_ids("grp_r").await.unwrap(),
+        ["grp_a", "grp_b", "grp_s", "grp_c", "grp_d"]
     );
 }
 
@@ -1589,7 +1594,7 @@ pub async fn concurrent_group_writes_succeed_or_fail_cleanly(store: Arc<dyn Stor
     }
     assert_eq!(created, 10);
     assert_eq!(shared_winners, 1);
-    assert_eq!(store.descendant_ids("grp_root").await.unwrap().len(), 11);
+    assert_eq!(store.pool_descendant_ids("grp_root").await.unwrap().len(), 11);
     let events = store
         .list_usage_events(&UsageFilter::default(), ALL)
         .await

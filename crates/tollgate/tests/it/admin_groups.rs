@@ -1573,3 +1573,44 @@ async fn usage_reports_own_counter_independent() {
     .await;
     assert_eq!(root["usage"]["acme/m"][0]["current_usage"], 500);
 }
+
+/// A deleted child's spend today stays in its ancestors' CASCADING pools: deleting
+/// children must never refill a parent's daily budget.
+#[tokio::test]
+async fn a_deleted_childs_spend_stays_in_the_parents_pool() {
+    let server = TestServer::start().await;
+    server.create_endpoint("acme/m", "m").await;
+    let o = server
+        .create_group(body(
+            "O",
+            "CASCADING",
+            None,
+            json!([model("acme/m", json!([]), json!([rate("TOKEN", "DAY", 30)]))]),
+        ))
+        .await;
+    let o_id = o["id"].as_str().unwrap();
+    let c = server
+        .create_group(body(
+            "C",
+            "CASCADING",
+            Some(o_id),
+            json!([{"slug": "acme/m"}]),
+        ))
+        .await;
+    record(&server, &c, "acme/m", 15, SystemClock.now()).await;
+    let usage_path = format!("/v1/gateway/groups/{o_id}/usage");
+    let before = ok_json(server.get(&usage_path).send().await.unwrap()).await;
+    assert_eq!(before["usage"]["acme/m"][0]["current_usage"], 15);
+
+    let c_id = c["id"].as_str().unwrap();
+    ok_json(
+        server
+            .delete(&format!("/v1/gateway/groups/{c_id}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let after = ok_json(server.get(&usage_path).send().await.unwrap()).await;
+    assert_eq!(after["usage"]["acme/m"][0]["current_usage"], 15);
+}
