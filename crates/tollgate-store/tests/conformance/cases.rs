@@ -1520,7 +1520,11 @@ pub async fn pool_descendant_ids_cover_every_depth(store: Arc<dyn Store>) {
         ["grp_b", "grp_c", "grp_d"]
     );
     assert!(store.pool_descendant_ids("grp_d").await.unwrap().is_empty());
-    assert!(store.pool_descendant_ids("grp_nope").await.unwrap().is_empty());
+    assert!(store
+        .pool_descendant_ids("grp_nope")
+        .await
+        .unwrap()
+        .is_empty());
 
     // Deleted descendants stay in the pool: what they spent today still counts.
     store.delete_group("grp_c", at(1)).await.unwrap().unwrap();
@@ -1594,7 +1598,10 @@ pub async fn concurrent_group_writes_succeed_or_fail_cleanly(store: Arc<dyn Stor
     }
     assert_eq!(created, 10);
     assert_eq!(shared_winners, 1);
-    assert_eq!(store.pool_descendant_ids("grp_root").await.unwrap().len(), 11);
+    assert_eq!(
+        store.pool_descendant_ids("grp_root").await.unwrap().len(),
+        11
+    );
     let events = store
         .list_usage_events(&UsageFilter::default(), ALL)
         .await

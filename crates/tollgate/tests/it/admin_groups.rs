@@ -1585,7 +1585,11 @@ async fn a_deleted_childs_spend_stays_in_the_parents_pool() {
             "O",
             "CASCADING",
             None,
-            json!([model("acme/m", json!([]), json!([rate("TOKEN", "DAY", 30)]))]),
+            json!([model(
+                "acme/m",
+                json!([]),
+                json!([rate("TOKEN", "DAY", 30)])
+            )]),
         ))
         .await;
     let o_id = o["id"].as_str().unwrap();
