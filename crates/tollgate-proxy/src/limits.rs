@@ -391,6 +391,38 @@ mod tests {
         }
     }
 
+    /// A limiter whose stored day usage cannot be read.
+    struct Broken;
+
+    #[async_trait]
+    impl Limiter for Broken {
+        async fn admit(&self, _request: AdmitRequest<'_>) -> Result<Decision, LimiterError> {
+            Err(LimiterError::Baseline("database is locked".into()))
+        }
+
+        async fn settle(&self, _reservation: Reservation, _actual_tokens: u64) {}
+
+        async fn refund(&self, _reservation: Reservation) {}
+    }
+
+    #[tokio::test]
+    async fn a_limiter_that_cannot_decide_admits_nothing_and_answers_503() {
+        let caller = Caller {
+            key_prefix: "tg_0123456789abc".into(),
+            chain: vec![group("grp_o", "o")],
+            workspace_id: "ws".into(),
+            group_id: "grp_o".into(),
+            external_entity_id: "o".into(),
+        };
+        let limiter: Arc<dyn Limiter> = Arc::new(Broken);
+        let outcome = admit(&limiter, &caller, &[], "acme/m", 10).await;
+        let Err(error) = outcome else {
+            panic!("a limiter error must not admit");
+        };
+        assert!(matches!(error, ProxyError::LimitsUnavailable(_)));
+        assert_eq!(error.into_logged_response("req_1").status(), 503);
+    }
+
     #[tokio::test]
     async fn a_settlement_ends_exactly_once() {
         let counting = Arc::new(Counting::default());
