@@ -20,12 +20,6 @@ use crate::AdminState;
 /// Largest secret value accepted (bytes).
 pub const MAX_SECRET_LEN: usize = 16 * 1024;
 
-/// Makes "is the name free? then insert" one step within this process. The store has no
-/// unique index on secret names; without this, concurrent creates with one name all pass
-/// the check (admin_misc::concurrent_creates_with_one_name_make_one_secret). Secrets are
-/// created rarely, so one lock for every workspace costs nothing.
-static CREATE_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 pub fn router() -> Router<AdminState> {
     Router::new()
         .route("/v1/gateway/secrets", post(create).get(list))
@@ -68,10 +62,6 @@ async fn create(
             "must not contain control characters (CR, LF, tab, ...)",
         ));
     }
-    let _one_create_at_a_time = CREATE_LOCK.lock().await;
-    if name_taken(&state, &caller.workspace_id, &body.name).await? {
-        return Err(duplicate_name());
-    }
     let ciphertext = state
         .sealer
         .seal(body.value.as_bytes())
@@ -87,7 +77,7 @@ async fn create(
         })
         .await
         .map_err(|e| match e {
-            StoreError::Duplicate(_) => duplicate_name(),
+            StoreError::Duplicate("name") => duplicate_name(),
             other => other.into(),
         })?;
     Ok(Json(json!({ "id": secret.id, "name": secret.name })))
@@ -100,22 +90,33 @@ fn duplicate_name() -> ApiError {
     )
 }
 
-/// True when a live secret of the workspace has this name. The store has no unique
-/// index on names (callers hold [`CREATE_LOCK`]); a unique index would surface as
-/// `StoreError::Duplicate`, mapped to the same answer.
-async fn name_taken(state: &AdminState, workspace_id: &str, name: &str) -> ApiResult<bool> {
+/// The slugs of the workspace's live endpoints whose targets send this secret upstream.
+async fn endpoints_using(
+    state: &AdminState,
+    workspace_id: &str,
+    secret_id: &str,
+) -> ApiResult<Vec<String>> {
     let mut page = PageRequest {
         limit: MAX_LIMIT,
         after: None,
     };
+    let mut slugs = Vec::new();
     loop {
-        let found = state.store.list_secrets(workspace_id, page).await?;
-        if found.items.iter().any(|s| s.name == name) {
-            return Ok(true);
-        }
+        let found = state.store.list_endpoints(workspace_id, page).await?;
+        slugs.extend(
+            found
+                .items
+                .into_iter()
+                .filter(|e| {
+                    e.targets
+                        .iter()
+                        .any(|t| t.secret_id.as_deref() == Some(secret_id))
+                })
+                .map(|e| e.slug),
+        );
         match found.next_after {
             Some(after) => page.after = Some(after),
-            None => return Ok(false),
+            None => return Ok(slugs),
         }
     }
 }
@@ -161,6 +162,16 @@ async fn remove(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     owned_secret(&state, &caller, &id).await?;
+    let users = endpoints_using(&state, &caller.workspace_id, &id).await?;
+    if !users.is_empty() {
+        return Err(ApiError::bad_request(
+            "secret_in_use",
+            format!(
+                "Secret is used by endpoint(s) {}; point their targets elsewhere first",
+                users.join(", ")
+            ),
+        ));
+    }
     let secret = state
         .store
         .delete_secret(&id, state.clock.now())

@@ -94,6 +94,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<ManagementKey>>;
 
     // --- secrets ----------------------------------------------------------------------
+    /// `Err(Duplicate("name"))` when a live secret of the workspace has the name.
     async fn insert_secret(&self, secret: NewSecret) -> StoreResult<Secret>;
     async fn secret(&self, id: &str) -> StoreResult<Option<Secret>>;
     async fn list_secrets(

@@ -407,7 +407,7 @@ impl Store for SqliteStore {
         .bind(secret.created_at.0)
         .execute(&self.write)
         .await
-        .map_err(|e| duplicate_on(e, "secrets.id", "id"))?;
+        .map_err(|e| duplicate_on(e, "secrets.name", "name"))?;
         Ok(Secret {
             id: secret.id,
             workspace_id: secret.workspace_id,

@@ -379,8 +379,20 @@ pub async fn secrets_are_soft_deleted(store: Arc<dyn Store>) {
     };
     let secret = store.insert_secret(new.clone()).await.unwrap();
     assert_eq!(secret.ciphertext, vec![1, 2, 3]);
-    let again = store.insert_secret(new).await;
-    assert!(is_duplicate(&again, "id"), "{again:?}");
+    let same_id = store
+        .insert_secret(NewSecret {
+            name: "other".into(),
+            ..new.clone()
+        })
+        .await;
+    assert!(is_duplicate(&same_id, "id"), "{same_id:?}");
+    let same_name = store
+        .insert_secret(NewSecret {
+            id: "sec_2".into(),
+            ..new.clone()
+        })
+        .await;
+    assert!(is_duplicate(&same_name, "name"), "{same_name:?}");
 
     assert_eq!(store.secret("sec_1").await.unwrap(), Some(secret.clone()));
     assert_eq!(
@@ -398,6 +410,15 @@ pub async fn secrets_are_soft_deleted(store: Arc<dyn Store>) {
         store.delete_secret("sec_missing", at(2)).await.unwrap(),
         None
     );
+    // A deleted secret's name can be used again.
+    let reused = store
+        .insert_secret(NewSecret {
+            id: "sec_3".into(),
+            ..new
+        })
+        .await
+        .unwrap();
+    assert_eq!(reused.name, "upstream");
 }
 
 pub async fn endpoint_slugs_are_unique_among_live_endpoints(store: Arc<dyn Store>) {

@@ -337,7 +337,28 @@ async fn secret_ids_must_name_a_live_secret_of_the_workspace() {
     )
     .await;
     assert_eq!(created["targets"][1]["secret_id"], secret_id);
-    // A deleted secret can no longer be referenced.
+    let path = format!("/v1/gateway/endpoints/{}", created["id"].as_str().unwrap());
+    // A secret an endpoint still sends upstream cannot be deleted.
+    expect_error(
+        server
+            .delete(&format!("/v1/gateway/secrets/{secret_id}"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "secret_in_use",
+        "Secret is used by endpoint(s) acme/m; point their targets elsewhere first",
+    )
+    .await;
+    ok_json(
+        server
+            .patch(&path, &json!({"targets": [target(&base)]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    // Once unused it can be deleted, and a deleted secret can no longer be referenced.
     ok_json(
         server
             .delete(&format!("/v1/gateway/secrets/{secret_id}"))
@@ -346,7 +367,6 @@ async fn secret_ids_must_name_a_live_secret_of_the_workspace() {
             .unwrap(),
     )
     .await;
-    let path = format!("/v1/gateway/endpoints/{}", created["id"].as_str().unwrap());
     expect_error(
         server
             .patch(
