@@ -467,3 +467,115 @@ async fn a_rotated_admin_key_stops_working() {
     );
     rotated.shutdown().await.unwrap();
 }
+
+/// C11, the time-zone half: a gateway process whose local zone is Asia/Tokyo (UTC+9)
+/// still counts DAY limits per UTC day — its 429 says come back at the next 00:00 UTC
+/// and its usage report resets then. (The day arithmetic itself, 23:50 → 600 s, is pinned
+/// with an injected clock in `limits::c11_the_day_is_a_utc_day`.)
+#[tokio::test]
+async fn day_limits_follow_utc_whatever_the_servers_time_zone() {
+    use tollgate_core::{Clock, SystemClock};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let admin = format!("tgm_tokyotest{}", "z".repeat(32));
+    let mock = tollgate_testkit::MockUpstream::start().await.unwrap();
+    let mut command = tollgate();
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--database", &db])
+        .env("TZ", "Asia/Tokyo")
+        .env("TOLLGATE_ADMIN_KEY", &admin)
+        .env("TOLLGATE_ALLOW_PRIVATE_NETWORKS", "true");
+    let mut gateway = spawn(command);
+    let addr = listening_addr(&mut gateway).await;
+    let http = reqwest::Client::new();
+    let admin_post = |path: String, body: serde_json::Value| {
+        http.post(format!("http://{addr}{path}"))
+            .header("Authorization", format!("Api-Key {admin}"))
+            .json(&body)
+            .send()
+    };
+    ok_json(
+        admin_post(
+            "/v1/gateway/endpoints".into(),
+            json!({"slug": "acme/m", "targets": [{"provider": "OPENAI_COMPATIBLE",
+                "base_url": mock.base_url(),
+                "target_model": "m?prompt_tokens=10&completion_tokens=20",
+                "secret_id": null}]}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let group = ok_json(
+        admin_post(
+            "/v1/gateway/groups".into(),
+            json!({"metadata": {"external_entity_id": "tokyo"},
+                   "models": [{"slug": "acme/m", "usage_limits": [
+                       {"type": "TOKEN", "unit": "DAY", "threshold": 30}]}],
+                   "hierarchy": {"limit_enforcement": "INDEPENDENT", "parent_group_id": null}}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    let id = group["id"].as_str().unwrap().to_owned();
+    let key = ok_json(
+        admin_post(
+            format!("/v1/gateway/groups/{id}/api_keys"),
+            json!({"name": null}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await["api_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let chat = || {
+        http.post(format!("http://{addr}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "acme/m", "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    assert_eq!(chat().await.unwrap().status(), 200);
+
+    let before = SystemClock.now();
+    let refused = chat().await.unwrap();
+    let after = SystemClock.now();
+    assert_eq!(refused.status(), 429);
+    let retry: i64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Whole seconds to the next 00:00 UTC, rounded up, measured around the call.
+    let earliest = (before.next_utc_midnight().0 - after.0) / 1000;
+    let latest = (after.next_utc_midnight().0 - before.0 + 999) / 1000;
+    assert!(
+        (earliest..=latest).contains(&retry),
+        "Retry-After {retry} not in {earliest}..={latest}"
+    );
+
+    let report = ok_json(
+        http.get(format!("http://{addr}/v1/gateway/groups/{id}/usage"))
+            .header("Authorization", format!("Api-Key {admin}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let entry = &report["usage"]["acme/m"][0];
+    assert_eq!(entry["current_usage"], 30);
+    let midnights = [
+        before.next_utc_midnight().to_rfc3339(),
+        after.next_utc_midnight().to_rfc3339(),
+    ];
+    assert!(
+        midnights.contains(&entry["reset_at"].as_str().unwrap().to_owned()),
+        "reset_at {} is not the next 00:00 UTC",
+        entry["reset_at"]
+    );
+    sigterm(&gateway.child);
+    assert!(gateway.child.wait().await.unwrap().success());
+}
