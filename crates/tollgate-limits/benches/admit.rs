@@ -115,48 +115,77 @@ fn admit_settle(c: &mut Criterion) {
     });
 }
 
-/// `threads` threads, each on its own tree, each doing `iters` admit + settle; returns
-/// the wall time from their common start to the last one's end.
-fn run_threads(
-    limiter: &Arc<InProcessLimiter>,
-    chains: &[Vec<EffectiveLimit>],
-    iters: u64,
-) -> Duration {
-    let barrier = Barrier::new(chains.len() + 1);
-    std::thread::scope(|scope| {
-        for limits in chains {
-            let (limiter, barrier) = (limiter.clone(), &barrier);
-            scope.spawn(move || {
-                barrier.wait();
-                for _ in 0..iters {
-                    admit_and_settle(&limiter, limits);
-                }
-            });
-        }
-        barrier.wait();
-        let start = Instant::now();
-        // Leaving the scope joins every thread.
-        start
-    })
-    .elapsed()
+/// What one run of several threads took.
+struct Run {
+    /// From their common start to the last one's end.
+    wall: Duration,
+    /// CPU time of all threads together.
+    cpu: Duration,
 }
 
+/// `chains.len()` threads, each on its own tree, each doing `iters` admit + settle.
+fn run_threads(limiter: &Arc<InProcessLimiter>, chains: &[Vec<EffectiveLimit>], iters: u64) -> Run {
+    let barrier = Barrier::new(chains.len() + 1);
+    let (start, cpu) = std::thread::scope(|scope| {
+        let workers: Vec<_> = chains
+            .iter()
+            .map(|limits| {
+                let (limiter, barrier) = (limiter.clone(), &barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    let cpu = cpu_time::ThreadTime::now();
+                    for _ in 0..iters {
+                        admit_and_settle(&limiter, limits);
+                    }
+                    cpu.elapsed()
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let cpu: Duration = workers
+            .into_iter()
+            .map(|worker| worker.join().unwrap_or_default())
+            .sum();
+        (start, cpu)
+    });
+    Run {
+        wall: start.elapsed(),
+        cpu,
+    }
+}
+
+/// Two measures of 1 thread against 2 threads on different trees. `throughput`: wall
+/// time, so admissions per second of all threads together (2× is perfect scaling, but a
+/// shared, busy 2-core machine caps it). `cpu_per_op`: CPU time per admit + settle,
+/// averaged over the threads — it grows only if the threads slow each other down
+/// (shared locks or cache lines), whatever else runs on the machine.
 fn scaling(c: &mut Criterion) {
     let limiter = limiter();
     let chains = [chain_limits("t0"), chain_limits("t1")];
-    let mut group = c.benchmark_group("limiter/scaling");
-    for threads in [1usize, 2] {
-        group.throughput(Throughput::Elements(threads as u64));
-        let name = if threads == 1 {
-            "1_thread".to_owned()
-        } else {
-            format!("{threads}_threads_different_groups")
-        };
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| run_threads(&limiter, &chains[..threads], iters));
-        });
+    for measure in ["throughput", "cpu_per_op"] {
+        let mut group = c.benchmark_group(format!("limiter/scaling/{measure}"));
+        for threads in [1usize, 2] {
+            let name = if threads == 1 {
+                "1_thread".to_owned()
+            } else {
+                format!("{threads}_threads_different_groups")
+            };
+            if measure == "throughput" {
+                group.throughput(Throughput::Elements(threads as u64));
+            }
+            group.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    let run = run_threads(&limiter, &chains[..threads], iters);
+                    match measure {
+                        "throughput" => run.wall,
+                        _ => run.cpu / threads as u32,
+                    }
+                });
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(benches, admit_settle, scaling);
