@@ -187,4 +187,94 @@ pub trait Store: Send + Sync + 'static {
     /// ones included: a CASCADING pool keeps counting what a since-deleted child spent
     /// today, so deleting children can never refill an ancestor's daily pool.
     async fn pool_descendant_ids(&self, id: &str) -> StoreResult<Vec<String>>;
+
+    // --- billing webhooks -------------------------------------------------------------
+    /// Inserts the endpoint and its first signing secret in one transaction. Its cursor
+    /// starts at the newest usage event's sequence number, so events stored before it
+    /// existed are never sent to it.
+    async fn insert_webhook_endpoint(
+        &self,
+        endpoint: NewWebhookEndpoint,
+    ) -> StoreResult<WebhookEndpoint>;
+    /// A live endpoint, whatever its workspace.
+    async fn webhook_endpoint(&self, id: &str) -> StoreResult<Option<WebhookEndpoint>>;
+    async fn list_webhook_endpoints(
+        &self,
+        workspace_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<WebhookEndpoint>>;
+    /// Every live endpoint of every workspace (the delivery worker's round), in creation
+    /// order.
+    async fn all_webhook_endpoints(&self) -> StoreResult<Vec<WebhookEndpoint>>;
+    /// Soft-deletes the endpoint; its pending deliveries are no longer sent.
+    async fn delete_webhook_endpoint(
+        &self,
+        id: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<WebhookEndpoint>>;
+    /// Makes `ciphertext` the endpoint's current secret and sets `expires_at =
+    /// retire_at` on every secret still live after `retire_at` — one transaction.
+    /// Returns the new secret; `None` when the endpoint is absent or deleted.
+    async fn rotate_webhook_secret(
+        &self,
+        webhook_id: &str,
+        ciphertext: Vec<u8>,
+        now: Timestamp,
+        retire_at: Timestamp,
+    ) -> StoreResult<Option<WebhookSecret>>;
+    /// The secrets that sign at `now` (no `expires_at`, or one after `now`), newest first.
+    async fn webhook_secrets(
+        &self,
+        webhook_id: &str,
+        now: Timestamp,
+    ) -> StoreResult<Vec<WebhookSecret>>;
+    /// At most `limit` usage events of the workspace stored after sequence number
+    /// `after`, in storage order, with their sequence numbers.
+    async fn usage_events_after(
+        &self,
+        workspace_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<SequencedUsageEvent>>;
+    /// Cuts a batch: inserts the delivery and moves the endpoint's cursor from
+    /// `expected_cursor` to `delivery.last_event_seq`, in one transaction. Returns false
+    /// (and writes nothing) when the cursor was no longer `expected_cursor` — another
+    /// instance cut the batch first — or the endpoint is deleted.
+    async fn cut_webhook_batch(
+        &self,
+        delivery: NewWebhookDelivery,
+        expected_cursor: i64,
+    ) -> StoreResult<bool>;
+    /// Claims up to `limit` pending deliveries of live endpoints that are due at `now`
+    /// and not leased by anyone (or whose lease ran out): each gets `lease_until` set, so
+    /// another instance does not send it at the same time. Oldest first.
+    async fn claim_due_webhook_deliveries(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookDelivery>>;
+    /// Drops the lease without recording an attempt (an attempt abandoned on shutdown).
+    async fn release_webhook_delivery(&self, id: &str) -> StoreResult<()>;
+    /// Records one attempt: `attempts + 1`, the outcome, the new status and next time;
+    /// `retry_step + 1` when it stays pending; clears the lease. `None` when absent.
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        attempt: WebhookAttempt,
+    ) -> StoreResult<Option<WebhookDelivery>>;
+    async fn webhook_delivery(&self, id: &str) -> StoreResult<Option<WebhookDelivery>>;
+    /// The endpoint's deliveries in the order they were cut, keyset-paged.
+    async fn list_webhook_deliveries(
+        &self,
+        webhook_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<WebhookDelivery>>;
+    /// Manual retry: the delivery (any status) becomes pending, due at `now`, with its
+    /// retry schedule started over; body and id are kept. `None` when absent.
+    async fn retry_webhook_delivery(
+        &self,
+        id: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<WebhookDelivery>>;
 }

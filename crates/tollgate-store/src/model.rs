@@ -216,3 +216,133 @@ pub struct Page<T> {
     /// The sequence number to continue after, when there are more rows.
     pub next_after: Option<i64>,
 }
+
+// --- billing webhooks -------------------------------------------------------------------
+
+/// A webhook endpoint to create, with its first signing secret.
+#[derive(Debug, Clone)]
+pub struct NewWebhookEndpoint {
+    /// `wh_...`
+    pub id: String,
+    pub workspace_id: String,
+    pub url: String,
+    pub description: Option<String>,
+    /// The `whsec_...` text sealed with the master key.
+    pub secret_ciphertext: Vec<u8>,
+    pub created_at: Timestamp,
+}
+
+/// A live webhook endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEndpoint {
+    pub id: String,
+    pub workspace_id: String,
+    pub url: String,
+    pub description: Option<String>,
+    /// The usage-event sequence number up to which batches were cut for this endpoint.
+    /// Starts at the newest event's number when the endpoint is created, so earlier
+    /// events are never sent to it.
+    pub cursor: i64,
+    pub created_at: Timestamp,
+}
+
+/// One signing secret of an endpoint, sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookSecret {
+    pub webhook_id: String,
+    /// The `whsec_...` text sealed with the master key.
+    pub ciphertext: Vec<u8>,
+    pub created_at: Timestamp,
+    /// `None` for the current secret; a rotation sets it on the ones it replaces.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// A usage event with its sequence number (the order events were stored in).
+pub type SequencedUsageEvent = (i64, UsageEvent);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    /// Not yet accepted by the receiver; sent when `next_attempt_at` comes.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Dead letter: a terminal 4xx, or every step of the retry schedule failed.
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<DeliveryStatus> {
+        match text {
+            "pending" => Some(DeliveryStatus::Pending),
+            "delivered" => Some(DeliveryStatus::Delivered),
+            "failed" => Some(DeliveryStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// A batch cut for an endpoint: the events `first_event_seq..=last_event_seq` of its
+/// workspace, serialized once into `body`.
+#[derive(Debug, Clone)]
+pub struct NewWebhookDelivery {
+    /// `dlv_...`; also the `webhook-id` and `X-Baseten-Request-ID` of every attempt.
+    pub id: String,
+    pub webhook_id: String,
+    /// The exact bytes every attempt sends.
+    pub body: Vec<u8>,
+    pub event_count: u32,
+    pub first_event_seq: i64,
+    pub last_event_seq: i64,
+    pub created_at: Timestamp,
+    /// When the first attempt is due (normally `created_at`).
+    pub next_attempt_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookDelivery {
+    /// `dlv_...`; also the `webhook-id` and `X-Baseten-Request-ID` of every attempt.
+    pub id: String,
+    pub webhook_id: String,
+    /// The exact bytes every attempt sends.
+    pub body: Vec<u8>,
+    pub event_count: u32,
+    pub first_event_seq: i64,
+    pub last_event_seq: i64,
+    pub status: DeliveryStatus,
+    /// Attempts made so far, manual retries included.
+    pub attempts: u32,
+    /// Failed attempts since the delivery was cut or last reset by a manual retry: the
+    /// next failure waits for step `retry_step` of the schedule.
+    pub retry_step: u32,
+    /// When the next attempt is due; `None` once delivered or failed.
+    pub next_attempt_at: Option<Timestamp>,
+    pub last_attempt_at: Option<Timestamp>,
+    /// The HTTP status of the last attempt, when the receiver answered.
+    pub last_http_status: Option<u16>,
+    /// Why the last attempt failed (network error, timeout, status), when it did.
+    pub last_error: Option<String>,
+    /// Held by an instance sending it until this time.
+    pub lease_until: Option<Timestamp>,
+    pub created_at: Timestamp,
+}
+
+/// What one attempt to send a delivery came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttempt {
+    pub at: Timestamp,
+    pub http_status: Option<u16>,
+    pub error: Option<String>,
+    /// The delivery's status after this attempt.
+    pub status: DeliveryStatus,
+    /// When a `Pending` delivery is tried again; ignored otherwise.
+    pub next_attempt_at: Option<Timestamp>,
+}

@@ -11,6 +11,7 @@
 
 mod rows;
 mod tree;
+mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -35,6 +36,10 @@ use crate::{
     ApiKey, DayUsage, Endpoint, GroupFilter, GroupPatch, GroupWriteError, KeyGrant, ManagementKey,
     NewApiKey, NewEndpoint, NewGroup, NewManagementKey, NewSecret, Page, PageRequest, Secret,
     Store, StoreError, StoreResult, UsageEvent, UsageFilter, Workspace,
+};
+use crate::{
+    NewWebhookDelivery, NewWebhookEndpoint, SequencedUsageEvent, WebhookAttempt, WebhookDelivery,
+    WebhookEndpoint, WebhookSecret,
 };
 
 /// Keys read through the management API belong to a live group. `delete_group` revokes
@@ -859,6 +864,129 @@ impl Store for SqliteStore {
     async fn pool_descendant_ids(&self, id: &str) -> StoreResult<Vec<String>> {
         let mut conn = self.read.acquire().await?;
         tree::descendant_ids_with_deleted(&mut conn, id).await
+    }
+
+    // --- billing webhooks -------------------------------------------------------------
+
+    async fn insert_webhook_endpoint(
+        &self,
+        endpoint: NewWebhookEndpoint,
+    ) -> StoreResult<WebhookEndpoint> {
+        let mut tx = self.begin_write().await?;
+        let created = webhooks::insert_endpoint(&mut tx, endpoint).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    async fn webhook_endpoint(&self, id: &str) -> StoreResult<Option<WebhookEndpoint>> {
+        webhooks::endpoint_by_id(&self.read, id).await
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        workspace_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<WebhookEndpoint>> {
+        webhooks::list_endpoints(&self.read, workspace_id, page).await
+    }
+
+    async fn all_webhook_endpoints(&self) -> StoreResult<Vec<WebhookEndpoint>> {
+        webhooks::all_endpoints(&self.read).await
+    }
+
+    async fn delete_webhook_endpoint(
+        &self,
+        id: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<WebhookEndpoint>> {
+        webhooks::delete_endpoint(&self.write, id, now).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        webhook_id: &str,
+        ciphertext: Vec<u8>,
+        now: Timestamp,
+        retire_at: Timestamp,
+    ) -> StoreResult<Option<WebhookSecret>> {
+        let mut tx = self.begin_write().await?;
+        let rotated =
+            webhooks::rotate_secret(&mut tx, webhook_id, ciphertext, now, retire_at).await?;
+        tx.commit().await?;
+        Ok(rotated)
+    }
+
+    async fn webhook_secrets(
+        &self,
+        webhook_id: &str,
+        now: Timestamp,
+    ) -> StoreResult<Vec<WebhookSecret>> {
+        webhooks::live_secrets(&self.read, webhook_id, now).await
+    }
+
+    async fn usage_events_after(
+        &self,
+        workspace_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<SequencedUsageEvent>> {
+        webhooks::events_after(&self.read, workspace_id, after, limit).await
+    }
+
+    async fn cut_webhook_batch(
+        &self,
+        delivery: NewWebhookDelivery,
+        expected_cursor: i64,
+    ) -> StoreResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let cut = webhooks::cut_batch(&mut tx, delivery, expected_cursor).await?;
+        if cut {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(cut)
+    }
+
+    async fn claim_due_webhook_deliveries(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookDelivery>> {
+        webhooks::claim_due(&self.write, now, lease_until, limit).await
+    }
+
+    async fn release_webhook_delivery(&self, id: &str) -> StoreResult<()> {
+        webhooks::release(&self.write, id).await
+    }
+
+    async fn record_webhook_attempt(
+        &self,
+        id: &str,
+        attempt: WebhookAttempt,
+    ) -> StoreResult<Option<WebhookDelivery>> {
+        webhooks::record_attempt(&self.write, id, attempt).await
+    }
+
+    async fn webhook_delivery(&self, id: &str) -> StoreResult<Option<WebhookDelivery>> {
+        webhooks::delivery_by_id(&self.read, id).await
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        webhook_id: &str,
+        page: PageRequest,
+    ) -> StoreResult<Page<WebhookDelivery>> {
+        webhooks::list_deliveries(&self.read, webhook_id, page).await
+    }
+
+    async fn retry_webhook_delivery(
+        &self,
+        id: &str,
+        now: Timestamp,
+    ) -> StoreResult<Option<WebhookDelivery>> {
+        webhooks::reset_for_retry(&self.write, id, now).await
     }
 }
 
