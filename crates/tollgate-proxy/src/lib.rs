@@ -1,4 +1,5 @@
-//! The OpenAI-compatible data plane: auth → entitlement → limits → upstream → metering.
+//! The OpenAI-compatible data plane: auth → entitlement → limits → upstream → metering
+//! (→ the usage outbox's group commit).
 //!
 //! `routes` holds the thin handlers; each stage is its own module. The binary wraps
 //! [`router`] in the middleware that sets [`tollgate_core::ids::RequestId`].
@@ -9,6 +10,7 @@ pub mod error;
 pub mod limits;
 pub mod metering;
 pub mod models;
+pub mod outbox;
 pub mod relay;
 pub mod request;
 mod routes;
@@ -54,6 +56,8 @@ pub struct ProxyState {
     pub config: ProxyConfig,
     /// Build it with [`http_client`]: no total timeout, no redirects, Nagle off.
     pub http: reqwest::Client,
+    /// Where usage events are committed, grouped ([`outbox::Outbox::start`]).
+    pub outbox: outbox::Outbox,
 }
 
 /// All data-plane routes (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,

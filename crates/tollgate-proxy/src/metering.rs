@@ -9,8 +9,10 @@
 //! dropped: dropping it closes the upstream request, and the drop hook records the event
 //! as `client_cancelled` from what the tap saw (or as `upstream_error_mid_stream` when the
 //! upstream had already sent an error event).
-//! [`record`] is the one place an event is stored; [`Meter`] settles the request's token
-//! reservation right after it, with the same total, or refunds it when nothing is billed.
+//! [`record`] is the one place an event is stored — through the [`Outbox`], which groups
+//! the events of concurrent requests into one transaction; [`Meter`] settles the
+//! request's token reservation right after it, with the same total, or refunds it when
+//! nothing is billed.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,10 +26,11 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::task::JoinHandle;
 use tollgate_core::ids::{new_id, IdKind};
 use tollgate_core::Clock;
-use tollgate_store::{Store, UsageEvent, UsageStatus};
+use tollgate_store::{UsageEvent, UsageStatus};
 
 use crate::error::error_body;
 use crate::limits::Settlement;
+use crate::outbox::{CommitError, Outbox};
 use crate::tap::{BodySummary, StreamEnd, StreamSummary, StreamTap, Usage};
 
 /// Everything a usage event says besides its tokens and status.
@@ -144,19 +147,13 @@ pub fn status_of_end(end: StreamEnd) -> UsageStatus {
     }
 }
 
-/// Stores a request's usage event: where a served request is billed (and, in
-/// [`Meter`], its token reservation settled).
-pub async fn record(
-    store: &dyn Store,
-    event: &UsageEvent,
-) -> Result<(), tollgate_store::StoreError> {
-    let result = store.insert_usage_event(event).await;
+/// Stores a request's usage event and resolves once it is committed: where a served
+/// request is billed (and, in [`Meter`], its token reservation settled).
+pub async fn record(outbox: &Outbox, event: UsageEvent) -> Result<(), CommitError> {
+    let request_id = event.request_id.clone();
+    let result = outbox.commit(event).await;
     if let Err(e) = &result {
-        tracing::error!(
-            request_id = %event.request_id,
-            error = %e,
-            "storing a usage event failed"
-        );
+        tracing::error!(%request_id, error = %e, "storing a usage event failed");
     }
     result
 }
@@ -164,7 +161,7 @@ pub async fn record(
 /// What a request needs to end its accounting: where to store, what time it is, what to
 /// say, and the token reservation to settle (billed) or refund (not billed).
 pub struct Meter {
-    pub store: Arc<dyn Store>,
+    pub outbox: Outbox,
     pub clock: Arc<dyn Clock>,
     pub context: EventContext,
     pub settlement: Settlement,
@@ -173,7 +170,7 @@ pub struct Meter {
 impl Meter {
     /// Stores the event and settles the reservation with its tokens, on their own task,
     /// so that a caller which is dropped meanwhile (the client left) cannot cancel them
-    /// halfway; resolves to whether the event was stored.
+    /// halfway; resolves to whether the event was committed.
     pub async fn commit(self, status: UsageStatus, tokens: Metered) -> bool {
         match self.spawn_record(status, tokens) {
             Some(handle) => handle.await.unwrap_or(false),
@@ -197,21 +194,29 @@ impl Meter {
             );
             return None;
         };
-        let (store, settlement) = (self.store, self.settlement);
-        Some(runtime.spawn(async move {
-            let is_stored = record(store.as_ref(), &event).await.is_ok();
-            settlement.settle(tokens.usage.total()).await;
-            is_stored
-        }))
+        let (outbox, settlement) = (self.outbox, self.settlement);
+        // A task the outbox tracks: graceful shutdown waits for it, so an event of a
+        // client that just left is flushed too.
+        let work = {
+            let outbox = outbox.clone();
+            async move {
+                let is_stored = record(&outbox, event).await.is_ok();
+                settlement.settle(tokens.usage.total()).await;
+                is_stored
+            }
+        };
+        Some(outbox.spawn_on(work, &runtime))
     }
 
     /// Refunds on a task of its own; resolves to `true` (nothing to store).
     fn spawn_refund(self) -> Option<JoinHandle<bool>> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        Some(runtime.spawn(async move {
-            self.settlement.refund().await;
+        let settlement = self.settlement;
+        let work = async move {
+            settlement.refund().await;
             true
-        }))
+        };
+        Some(self.outbox.spawn_on(work, &runtime))
     }
 }
 
@@ -721,7 +726,7 @@ mod tests {
     use tollgate_limits::{
         AdmitRequest, CounterKey, Decision, InProcessLimiter, Limiter, NoStoredUsage,
     };
-    use tollgate_store::{PageRequest, SqliteStore, UsageFilter};
+    use tollgate_store::{PageRequest, SqliteStore, Store, UsageFilter};
 
     type Upstream = mpsc::UnboundedSender<reqwest::Result<Bytes>>;
 
@@ -770,7 +775,7 @@ mod tests {
         assert_eq!(limiter.current_usage(&day_tokens()), Some(11));
         let shared: Arc<dyn Limiter> = limiter.clone();
         let meter = Meter {
-            store: Arc::clone(&store),
+            outbox: Outbox::start(Arc::clone(&store)).0,
             clock: Arc::new(SystemClock),
             context: EventContext {
                 request_id: "req_test".into(),
@@ -879,6 +884,29 @@ mod tests {
         assert_eq!(limiter.current_usage(&day_tokens()), Some(12));
         assert!(next_text(&mut body).await.is_none());
         assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_event_cannot_be_stored_ends_with_an_error_not_done() {
+        let (mut meter, _store, limiter) = limited_meter().await;
+        // A store that refuses every write: its pools are closed.
+        let refusing = Arc::new(SqliteStore::open("sqlite::memory:").await.unwrap());
+        refusing.close().await;
+        meter.outbox = Outbox::start(refusing).0;
+        let (mut body, upstream) = body(meter, false);
+        send(
+            &upstream,
+            &format!("{CONTENT}{FINISH}{USAGE}data: [DONE]\n\n"),
+        );
+        assert_eq!(
+            next_text(&mut body).await.unwrap(),
+            format!("{CONTENT}{FINISH}{USAGE}")
+        );
+        // The held [DONE] is never released: the client sees a broken stream.
+        assert!(matches!(body.frame().await, Some(Err(MeteringError))));
+        assert!(body.frame().await.is_none());
+        // The tokens were used all the same.
+        assert_eq!(limiter.current_usage(&day_tokens()), Some(12));
     }
 
     #[tokio::test]

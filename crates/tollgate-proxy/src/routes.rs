@@ -160,7 +160,7 @@ async fn proxy(
     };
 
     let meter = Meter {
-        store: Arc::clone(&state.store),
+        outbox: state.outbox.clone(),
         clock: Arc::clone(&state.clock),
         context: EventContext {
             request_id: request_id.0.clone(),

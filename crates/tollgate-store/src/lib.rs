@@ -170,6 +170,11 @@ pub trait Store: Send + Sync + 'static {
     /// Idempotent on `idempotency_key`: storing an event again (a spool replayed after a
     /// crash) keeps the first copy and is not an error.
     async fn insert_usage_event(&self, event: &UsageEvent) -> StoreResult<()>;
+    /// Stores every event in one transaction (the data plane's group commit): all are
+    /// stored or, on error, none. Idempotent per `idempotency_key` like
+    /// [`Store::insert_usage_event`], including a key repeated within `events`. Events
+    /// get their sequence numbers in slice order. An empty slice writes nothing.
+    async fn insert_usage_events(&self, events: &[UsageEvent]) -> StoreResult<()>;
     async fn list_usage_events(
         &self,
         filter: &UsageFilter,

@@ -52,6 +52,9 @@ const GROUP_IS_LIVE: &str = "EXISTS (SELECT 1 FROM groups g \
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read connections; the machine Tollgate targets has few cores and reads are short.
 const READ_CONNECTIONS: u32 = 4;
+/// Usage events per INSERT statement of a batch: 14 columns each stays under SQLite's
+/// historical limit of 999 bound parameters.
+const USAGE_ROWS_PER_STATEMENT: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -780,6 +783,43 @@ impl Store for SqliteStore {
         .bind(event.is_estimated)
         .execute(&self.write)
         .await?;
+        Ok(())
+    }
+
+    /// One `BEGIN IMMEDIATE` transaction of multi-row inserts: one commit (one WAL write)
+    /// for the whole batch instead of one per event.
+    async fn insert_usage_events(&self, events: &[UsageEvent]) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        for chunk in events.chunks(USAGE_ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO usage_events (idempotency_key, timestamp, request_id, \
+                 request_metadata, model_slug, external_entity_id, api_key_prefix, group_id, \
+                 workspace_id, status, input_tokens, output_tokens, cached_input_tokens, \
+                 is_estimated) ",
+            );
+            query.push_values(chunk, |mut row, event| {
+                row.push_bind(event.idempotency_key.as_str())
+                    .push_bind(event.timestamp.0)
+                    .push_bind(event.request_id.as_str())
+                    .push_bind(event.request_metadata.as_deref())
+                    .push_bind(event.model_slug.as_str())
+                    .push_bind(event.external_entity_id.as_str())
+                    .push_bind(event.api_key_prefix.as_str())
+                    .push_bind(event.group_id.as_str())
+                    .push_bind(event.workspace_id.as_str())
+                    .push_bind(event.status.as_str())
+                    .push_bind(rows::token_count(event.input_tokens))
+                    .push_bind(rows::token_count(event.output_tokens))
+                    .push_bind(rows::token_count(event.cached_input_tokens))
+                    .push_bind(event.is_estimated);
+            });
+            query.push(" ON CONFLICT (idempotency_key) DO NOTHING");
+            query.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use tempfile::TempDir;
 use tollgate_core::{LimitMode, ModelAccess};
-use tollgate_store::{NewApiKey, NewGroup, SqliteStore, Store, UsageFilter};
+use tollgate_store::{
+    NewApiKey, NewGroup, SqliteStore, Store, UsageEvent, UsageFilter, UsageStatus,
+};
 
 async fn fresh_sqlite() -> (TempDir, Arc<dyn Store>) {
     let dir = TempDir::new().unwrap();
@@ -188,4 +190,68 @@ async fn two_stores_on_one_file_wait_for_each_other() {
     assert_eq!(listed.items.len(), 20);
     first.close().await;
     second.close().await;
+}
+
+/// A batch of usage events is one transaction: when one row fails (here a trigger
+/// refuses it, standing for a full disk), none of the batch is stored, and the next
+/// batch is unaffected.
+#[tokio::test]
+async fn a_usage_batch_is_stored_whole_or_not_at_all() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("tollgate.db");
+    let store = SqliteStore::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+        "sqlite://{}",
+        path.display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON usage_events \
+         WHEN NEW.request_id = 'req-poison' BEGIN SELECT RAISE(ABORT, 'poison'); END",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let event = |n: u32, request_id: &str| UsageEvent {
+        idempotency_key: format!("idem-{n}"),
+        timestamp: cases::T0,
+        request_id: request_id.into(),
+        request_metadata: None,
+        model_slug: "acme/m".into(),
+        external_entity_id: "cust-1".into(),
+        api_key_prefix: "tg_0000000000001".into(),
+        group_id: "grp_1".into(),
+        workspace_id: "ws_1".into(),
+        status: UsageStatus::Completed,
+        input_tokens: 1,
+        output_tokens: 2,
+        cached_input_tokens: 0,
+        is_estimated: false,
+    };
+    // 100 good events around one refused row, across two INSERT statements.
+    let mut batch: Vec<UsageEvent> = (0..100).map(|n| event(n, &format!("req-{n}"))).collect();
+    batch.insert(80, event(1000, "req-poison"));
+    assert!(store.insert_usage_events(&batch).await.is_err());
+    let stored = || async {
+        store
+            .list_usage_events(
+                &UsageFilter::default(),
+                tollgate_store::PageRequest {
+                    limit: 1000,
+                    after: None,
+                },
+            )
+            .await
+            .unwrap()
+            .items
+            .len()
+    };
+    assert_eq!(stored().await, 0);
+    batch.remove(80);
+    store.insert_usage_events(&batch).await.unwrap();
+    assert_eq!(stored().await, 100);
+    store.close().await;
 }

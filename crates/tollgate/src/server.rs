@@ -1,7 +1,8 @@
 //! The HTTP server: opens the store, bootstraps the default workspace, merges the
 //! management and data-plane routers under one request-id layer, and serves until told
-//! to stop. Shutdown is graceful: the listener closes, in-flight requests finish, then
-//! the store is closed.
+//! to stop. Shutdown is graceful: the listener closes, in-flight requests finish, the
+//! usage outbox stores every event still queued and stops, then the store is closed
+//! (`tests/it/durability.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use tokio::task::JoinHandle;
 use tollgate_core::ids::{new_id, IdKind, RequestId};
 use tollgate_core::secretbox::SecretBox;
 use tollgate_core::{Clock, SystemClock};
+use tollgate_proxy::outbox::{Outbox, OutboxWriter};
 use tollgate_store::{SqliteStore, Store};
 
 use crate::bootstrap;
@@ -32,6 +34,8 @@ pub struct RunningServer {
     sqlite: Arc<SqliteStore>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
+    /// Stopped after the last request, before the store closes.
+    outbox: OutboxWriter,
     /// Keeps the demo's mock model running as long as the server.
     _demo: Option<tollgate_testkit::MockUpstream>,
 }
@@ -45,7 +49,8 @@ impl RunningServer {
         self.store.clone()
     }
 
-    /// Stops accepting, lets in-flight requests finish, closes the store.
+    /// Stops accepting, lets in-flight requests finish, flushes the usage outbox, closes
+    /// the store.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -67,9 +72,21 @@ impl RunningServer {
     }
 
     async fn finish(self) -> anyhow::Result<()> {
-        let served = self.task.await.context("server task")?;
+        let served = self.task.await.context("server task");
+        // Every request has ended: what its events still need is the outbox's flush.
+        let usage = self.outbox.shutdown().await;
+        tracing::info!(
+            events = usage.events,
+            transactions = usage.transactions,
+            failed_transactions = usage.failed_transactions,
+            largest_batch = usage.largest_batch,
+            commit_wait_p50_us = usage.wait_p50.as_micros(),
+            commit_wait_p99_us = usage.wait_p99.as_micros(),
+            commit_wait_max_us = usage.wait_max.as_micros(),
+            "usage events flushed"
+        );
         self.sqlite.close().await;
-        served
+        served?
     }
 }
 
@@ -113,6 +130,7 @@ pub async fn start_with_clock(
         clock.clone(),
         Arc::new(tollgate_limits::StoreBaseline::new(store.clone())),
     ));
+    let (outbox, outbox_writer) = Outbox::start(store.clone());
     let proxy = tollgate_proxy::router(tollgate_proxy::ProxyState {
         store: store.clone(),
         clock: clock.clone(),
@@ -123,6 +141,7 @@ pub async fn start_with_clock(
             first_byte_timeout: config.upstream_timeout,
         },
         http,
+        outbox,
     });
     let app = Router::new()
         .route("/healthz", get(healthz))
@@ -163,6 +182,7 @@ pub async fn start_with_clock(
         sqlite,
         stop: Some(stop),
         task,
+        outbox: outbox_writer,
         _demo: demo,
     })
 }

@@ -41,6 +41,7 @@ macro_rules! conformance_cases {
             every_list_pages_in_creation_order,
             list_groups_filters,
             usage_events_are_listed_filtered_and_idempotent,
+            usage_events_are_stored_in_batches_once_each,
             day_usage_sums_one_utc_day,
             pool_descendant_ids_cover_every_depth,
             concurrent_group_writes_succeed_or_fail_cleanly,
@@ -1473,6 +1474,53 @@ pub async fn usage_events_are_listed_filtered_and_idempotent(store: Arc<dyn Stor
         .await,
         vec![e2, e3]
     );
+}
+
+/// The group commit's write: a batch larger than one INSERT statement, a key repeated
+/// inside the batch and a key stored before are each stored once, first copy kept, in
+/// the order given.
+pub async fn usage_events_are_stored_in_batches_once_each(store: Arc<dyn Store>) {
+    store.insert_usage_events(&[]).await.unwrap();
+    let earlier = event(0, "ws_a", "grp_1", M, T0);
+    store.insert_usage_event(&earlier).await.unwrap();
+
+    let mut batch: Vec<UsageEvent> = (1..=300)
+        .map(|n| event(n, "ws_a", "grp_1", M, at(i64::from(n))))
+        .collect();
+    batch[7].status = UsageStatus::ClientCancelled;
+    batch[7].request_metadata = None;
+    batch[7].is_estimated = true;
+    batch[200].input_tokens = 9_007_199_254_740_993; // above 2^53: stored exactly
+    let mut repeated = batch[5].clone();
+    repeated.output_tokens = 999;
+    let mut replayed = earlier.clone();
+    replayed.output_tokens = 999;
+    batch.insert(150, repeated);
+    batch.insert(0, replayed);
+    store.insert_usage_events(&batch).await.unwrap();
+    // The whole batch again: nothing new.
+    store.insert_usage_events(&batch).await.unwrap();
+
+    let stored = store
+        .list_usage_events(&UsageFilter::default(), ALL)
+        .await
+        .unwrap()
+        .items;
+    let mut expected = vec![earlier];
+    expected.extend((1..=300).map(|n| {
+        let mut e = event(n, "ws_a", "grp_1", M, at(i64::from(n)));
+        if n == 8 {
+            e.status = UsageStatus::ClientCancelled;
+            e.request_metadata = None;
+            e.is_estimated = true;
+        }
+        if n == 201 {
+            e.input_tokens = 9_007_199_254_740_993;
+        }
+        e
+    }));
+    assert_eq!(stored.len(), 301);
+    assert_eq!(stored, expected);
 }
 
 pub async fn day_usage_sums_one_utc_day(store: Arc<dyn Store>) {
