@@ -18,6 +18,7 @@ mod api_keys;
 pub mod auth;
 mod endpoints;
 pub mod error;
+mod events;
 mod fields;
 mod groups;
 pub mod json;
@@ -29,6 +30,7 @@ pub mod pagination;
 mod params;
 mod secrets;
 mod signing_key;
+mod webhooks;
 
 pub use api_keys::SIGNATURE_HEADER;
 pub use error::ApiError;
@@ -58,6 +60,8 @@ pub fn router(state: AdminState) -> axum::Router {
         .merge(api_keys::router())
         .merge(management_keys::router())
         .merge(signing_key::router())
+        .merge(webhooks::router())
+        .merge(events::router())
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authenticate,

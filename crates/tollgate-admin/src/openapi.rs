@@ -133,6 +133,26 @@ fn management_paths() -> Value {
         "/v1/gateway/management_keys/{prefix}": {
             "delete": with_params(operation("Revoke a management key", None, object(&["prefix"], json!({"prefix": {"type": "string"}})), &[404]), &["prefix"]),
         },
+        "/v1/gateway/webhook_endpoints": {
+            "post": operation("Create a webhook endpoint (its secret is shown once)", Some(schema("CreateWebhookEndpoint")), schema("CreatedWebhookEndpoint"), &[400]),
+            "get": with_params(operation("List webhook endpoints", None, list_of("WebhookEndpoint"), &[400]), &list),
+        },
+        "/v1/gateway/webhook_endpoints/{id}": {
+            "get": with_params(operation("Get a webhook endpoint", None, schema("WebhookEndpoint"), &[404]), &id),
+            "delete": with_params(operation("Delete a webhook endpoint", None, object(&["id"], json!({"id": {"type": "string"}})), &[404]), &id),
+        },
+        "/v1/gateway/webhook_endpoints/{id}/rotate_secret": {
+            "post": with_params(operation("Replace the signing secret (shown once); the old one keeps signing for 24 h", None, object(&["id", "secret"], json!({"id": {"type": "string"}, "secret": {"type": "string", "pattern": "^whsec_"}})), &[400, 404]), &id),
+        },
+        "/v1/gateway/webhook_endpoints/{id}/deliveries": {
+            "get": with_params(operation("List an endpoint's deliveries, oldest first", None, list_of("WebhookDelivery"), &[400, 404]), &["id", "limit", "cursor"]),
+        },
+        "/v1/gateway/webhook_endpoints/{id}/deliveries/{delivery_id}/retry": {
+            "post": with_params(operation("Send a delivery again (same id, same bytes)", None, schema("WebhookDelivery"), &[400, 404]), &["id", "delivery_id"]),
+        },
+        "/v1/gateway/events": {
+            "get": with_params(operation("Usage events in storage order, filtered", None, list_of("UsageEvent"), &[400]), &["limit", "cursor", "start_time", "end_time", "external_entity_id", "api_key_prefix"]),
+        },
     })
 }
 
@@ -249,6 +269,42 @@ fn schemas() -> Value {
         })),
         "ApiKey": object(&["prefix", "name", "created_at"], json!({"prefix": {"type": "string"}, "name": nullable_string, "created_at": time})),
         "ManagementKey": object(&["prefix", "name", "scope", "created_at"], json!({"prefix": {"type": "string"}, "name": nullable_string, "scope": {"enum": ["manage", "view"]}, "created_at": time})),
+        "CreateWebhookEndpoint": object(&["url"], json!({
+            "url": {"type": "string", "format": "uri", "maxLength": 2048},
+            "description": {"type": ["string", "null"], "maxLength": 1000},
+        })),
+        "WebhookEndpoint": object(&["id", "url", "description", "created_at"], json!({
+            "id": {"type": "string"}, "url": {"type": "string"}, "description": nullable_string, "created_at": time,
+        })),
+        "CreatedWebhookEndpoint": object(&["id", "url", "description", "secret", "created_at"], json!({
+            "id": {"type": "string"}, "url": {"type": "string"}, "description": nullable_string,
+            "secret": {"type": "string", "pattern": "^whsec_"}, "created_at": time,
+        })),
+        "WebhookDelivery": object(&["id", "status", "attempts", "event_count", "created_at", "last_attempt_at", "next_attempt_at", "last_response_status", "last_error"], json!({
+            "id": {"type": "string", "description": "also the webhook-id and X-Baseten-Request-ID of every attempt"},
+            "status": {"enum": ["pending", "delivered", "failed"]},
+            "attempts": {"type": "integer"}, "event_count": {"type": "integer"},
+            "created_at": time,
+            "last_attempt_at": {"type": ["string", "null"], "format": "date-time"},
+            "next_attempt_at": {"type": ["string", "null"], "format": "date-time"},
+            "last_response_status": {"type": ["integer", "null"]},
+            "last_error": nullable_string,
+        })),
+        "UsageEvent": object(&["idempotencyKey", "timestamp", "requestId", "requestMetadata", "modelSlug", "externalEntityId", "externalCustomerId", "apiKeyPrefix", "groupId", "status", "tokens"], json!({
+            "idempotencyKey": {"type": "string"},
+            "timestamp": {"type": "integer", "description": "milliseconds since the epoch, UTC"},
+            "requestId": {"type": "string"},
+            "requestMetadata": {"type": ["object", "null"], "description": "the X-Request-Metadata object as sent"},
+            "modelSlug": {"type": "string"},
+            "externalEntityId": {"type": "string"},
+            "externalCustomerId": {"type": "string", "description": "the same value as externalEntityId"},
+            "apiKeyPrefix": {"type": "string"},
+            "groupId": {"type": "string"},
+            "status": {"enum": ["completed", "client_cancelled", "upstream_error_mid_stream"]},
+            "tokens": object(&["inputTokens", "outputTokens", "cachedInputTokens"], json!({
+                "inputTokens": {"type": "integer"}, "outputTokens": {"type": "integer"}, "cachedInputTokens": {"type": "integer"},
+            })),
+        })),
         "NewManagementKey": object(&["key", "prefix", "name", "scope", "created_at"], json!({"key": {"type": "string"}, "prefix": {"type": "string"}, "name": nullable_string, "scope": {"enum": ["manage", "view"]}, "created_at": time})),
     })
 }
@@ -263,6 +319,10 @@ fn parameters() -> Value {
         "cursor": query("cursor", json!({"type": "string"})),
         "external_entity_id": query("external_entity_id", json!({"type": "string"})),
         "parent_group_id": query("parent_group_id", json!({"type": "string"})),
+        "delivery_id": path("delivery_id"),
+        "start_time": query("start_time", json!({"type": "string", "format": "date-time", "description": "inclusive"})),
+        "end_time": query("end_time", json!({"type": "string", "format": "date-time", "description": "exclusive; after start_time"})),
+        "api_key_prefix": query("api_key_prefix", json!({"type": "string"})),
         "signature": {"name": "X-Baseten-Signature", "in": "header", "required": true, "schema": {"type": "string"}, "description": "base64 Ed25519 signature of the raw body"},
     })
 }

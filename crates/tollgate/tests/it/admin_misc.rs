@@ -1166,7 +1166,10 @@ async fn spec_lists_only_routes_that_exist() {
     let paths = spec["paths"].as_object().unwrap();
     let mut operations = 0;
     for (path, item) in paths.iter().filter(|(p, _)| p.starts_with("/v1/gateway")) {
-        let concrete = path.replace("{id}", "grp_x").replace("{prefix}", "tg_x");
+        let concrete = path
+            .replace("{id}", "grp_x")
+            .replace("{prefix}", "tg_x")
+            .replace("{delivery_id}", "dlv_x");
         for method in item.as_object().unwrap().keys() {
             let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let response = server
@@ -1179,5 +1182,5 @@ async fn spec_lists_only_routes_that_exist() {
             operations += 1;
         }
     }
-    assert_eq!(operations, 25);
+    assert_eq!(operations, 33);
 }
