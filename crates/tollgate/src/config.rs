@@ -75,9 +75,7 @@ impl Config {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen = listen_text.parse().with_context(|| {
-            format!("listen: '{listen_text}' is not an address like 127.0.0.1:8080")
-        })?;
+        let listen = parse_listen(&listen_text)?;
         if let Some(redis) = args.redis.or(file.redis_url) {
             bail!(
                 "redis: shared Redis rate counters are not available in this version; \
@@ -157,6 +155,19 @@ pub fn check_database_url(url: &str) -> anyhow::Result<()> {
         }
         other => bail!("database: unsupported URL scheme '{other}://'; use sqlite://PATH"),
     }
+}
+
+/// `host:port` where host is an IP address or a name (`localhost:8080`), resolved once
+/// at start-up to its first address.
+fn parse_listen(text: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    use std::net::ToSocketAddrs as _;
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .with_context(|| format!("listen: '{text}' is not an address like 127.0.0.1:8080"))
 }
 
 /// Base64 (standard or URL-safe, padding optional) of exactly 32 bytes.
@@ -247,6 +258,15 @@ mod tests {
         assert_eq!(config.max_body_bytes, 10_485_760);
         assert_eq!(config.upstream_timeout, Duration::from_secs(60));
         assert!(!config.allow_private_networks);
+    }
+
+    #[test]
+    fn listen_takes_addresses_and_host_names() {
+        assert_eq!(parse_listen("0.0.0.0:9").unwrap().to_string(), "0.0.0.0:9");
+        assert_eq!(parse_listen("[::1]:9").unwrap().to_string(), "[::1]:9");
+        assert_eq!(parse_listen("localhost:8080").unwrap().port(), 8080);
+        assert!(parse_listen("localhost").is_err());
+        assert!(parse_listen("no such host!:80").is_err());
     }
 
     #[test]
