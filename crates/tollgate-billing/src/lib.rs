@@ -12,6 +12,7 @@ mod endpoints;
 mod event;
 pub mod schedule;
 pub mod signer;
+pub mod worker;
 
 pub use endpoints::{
     create_webhook_endpoint, new_signing_secret, open_secret, rotate_webhook_secret, signing_keys,
@@ -19,6 +20,7 @@ pub use endpoints::{
 };
 pub use event::{batch_body, event_json, EventJson, BATCH_TYPE};
 pub use schedule::RetrySchedule;
+pub use worker::{DeliveryWorker, WorkerConfig};
 
 /// At most this many events travel in one delivery.
 pub const MAX_BATCH_EVENTS: u32 = 100;

@@ -1,5 +1,6 @@
 //! Test kit: a scriptable OpenAI-compatible mock upstream that speaks real HTTP and SSE
-//! (also behind `tollgate serve --demo`).
+//! (also behind `tollgate serve --demo`), and a [`WebhookSink`] that records billing
+//! webhooks byte for byte and answers them as scripted.
 //!
 //! The mock echoes the last user message. Tests script it through the `model` name they
 //! give an endpoint's `target_model`: `echo?prompt_tokens=10&completion_tokens=50` — see
@@ -11,6 +12,7 @@ mod net;
 mod reply;
 mod routes;
 mod script;
+mod sink;
 mod stream;
 
 use std::net::SocketAddr;
@@ -24,6 +26,8 @@ pub use script::{
     AfterError, Delivery, Ending, ErrorEventAt, ErrorShape, Framing, IdStyle, IncludeUsage, Script,
     ScriptError, UsageOn,
 };
+
+pub use sink::{dedupe_accepted, Deduplicated, ReceivedWebhook, SinkReply, WebhookSink};
 
 use journal::Recorder;
 

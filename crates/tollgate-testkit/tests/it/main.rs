@@ -8,5 +8,6 @@
 )]
 
 mod http;
+mod sink;
 mod support;
 mod tap;
