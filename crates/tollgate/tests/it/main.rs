@@ -18,6 +18,7 @@ mod admin_webhooks;
 mod bad_input;
 mod chat;
 mod chat_edges;
+mod durability;
 mod events_api;
 mod limits;
 mod limits_restart;
