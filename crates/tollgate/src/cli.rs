@@ -14,6 +14,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start-up; boxing buys nothing"
+)]
 pub enum Command {
     /// Run the gateway (management API and OpenAI-compatible data plane).
     Serve(ServeArgs),
@@ -76,6 +80,18 @@ pub struct ServeArgs {
     /// Log format: `text` or `json` [default: text].
     #[arg(long = "log-format", env = "TOLLGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Longest a billing event waits before its webhook batch is cut, e.g. `1s` [default: 1s].
+    #[arg(
+        long = "webhook-batch-interval",
+        env = "TOLLGATE_WEBHOOK_BATCH_INTERVAL"
+    )]
+    pub webhook_batch_interval: Option<String>,
+    /// Waits between webhook retries, comma-separated [default: 5s,30s,2m,10m,1h,3h,8h].
+    #[arg(
+        long = "webhook-retry-schedule",
+        env = "TOLLGATE_WEBHOOK_RETRY_SCHEDULE"
+    )]
+    pub webhook_retry_schedule: Option<String>,
     /// Also run a built-in mock model and register endpoint `demo/echo`, a group and a key.
     #[arg(long)]
     pub demo: bool,

@@ -17,6 +17,8 @@ pub const DEFAULT_DATABASE: &str = "sqlite://tollgate.db";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MIN_ADMIN_KEY_LEN: usize = 32;
+pub const DEFAULT_WEBHOOK_BATCH_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -37,6 +39,27 @@ pub struct Config {
     pub upstream_timeout: Duration,
     pub log_format: LogFormat,
     pub demo: bool,
+    /// Billing webhook batching and retries.
+    pub webhooks: WebhookConfig,
+}
+
+/// `TOLLGATE_WEBHOOK_BATCH_INTERVAL`, `TOLLGATE_WEBHOOK_RETRY_SCHEDULE`, and the
+/// per-attempt timeout (10 s, per the spec; settable here for tests only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookConfig {
+    pub batch_interval: Duration,
+    pub retry_schedule: tollgate_billing::RetrySchedule,
+    pub timeout: Duration,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            batch_interval: DEFAULT_WEBHOOK_BATCH_INTERVAL,
+            retry_schedule: tollgate_billing::RetrySchedule::default(),
+            timeout: DEFAULT_WEBHOOK_TIMEOUT,
+        }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -51,6 +74,7 @@ impl std::fmt::Debug for Config {
             .field("upstream_timeout", &self.upstream_timeout)
             .field("log_format", &self.log_format)
             .field("demo", &self.demo)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -95,6 +119,10 @@ impl Config {
             Some(text) => Some(parse_master_key(&text)?),
             None => None,
         };
+        let webhooks = webhook_config(
+            args.webhook_batch_interval.or(file.webhook_batch_interval),
+            args.webhook_retry_schedule.or(file.webhook_retry_schedule),
+        )?;
         let upstream_timeout = match args.upstream_timeout.or(file.upstream_timeout) {
             Some(text) => humantime::parse_duration(&text).with_context(|| {
                 format!("upstream_timeout: '{text}' is not a duration like 60s")
@@ -131,8 +159,31 @@ impl Config {
             upstream_timeout,
             log_format,
             demo: args.demo,
+            webhooks,
         })
     }
+}
+
+/// The webhook settings from their text forms (`1s`; `5s,30s,2m`). A zero batch
+/// interval is refused: it would cut one delivery per event.
+fn webhook_config(
+    batch_interval: Option<String>,
+    retry_schedule: Option<String>,
+) -> anyhow::Result<WebhookConfig> {
+    let mut webhooks = WebhookConfig::default();
+    if let Some(text) = batch_interval {
+        webhooks.batch_interval = humantime::parse_duration(&text).with_context(|| {
+            format!("webhook_batch_interval: '{text}' is not a duration like 1s")
+        })?;
+        if webhooks.batch_interval.is_zero() {
+            bail!("webhook_batch_interval must be longer than zero");
+        }
+    }
+    if let Some(text) = retry_schedule {
+        webhooks.retry_schedule = tollgate_billing::RetrySchedule::parse(&text)
+            .map_err(|why| anyhow::anyhow!("webhook_retry_schedule: {why}"))?;
+    }
+    Ok(webhooks)
 }
 
 /// Refuses a database URL this build cannot open, before anything is created: a
@@ -197,6 +248,8 @@ pub struct FileConfig {
     pub max_body_bytes: Option<usize>,
     pub upstream_timeout: Option<String>,
     pub log_format: Option<String>,
+    pub webhook_batch_interval: Option<String>,
+    pub webhook_retry_schedule: Option<String>,
 }
 
 impl FileConfig {
@@ -258,6 +311,70 @@ mod tests {
         assert_eq!(config.max_body_bytes, 10_485_760);
         assert_eq!(config.upstream_timeout, Duration::from_secs(60));
         assert!(!config.allow_private_networks);
+        assert_eq!(config.webhooks.batch_interval, Duration::from_secs(1));
+        assert_eq!(config.webhooks.timeout, Duration::from_secs(10));
+        assert_eq!(
+            config.webhooks.retry_schedule,
+            tollgate_billing::RetrySchedule::parse("5s,30s,2m,10m,1h,3h,8h").unwrap()
+        );
+    }
+
+    #[test]
+    fn the_example_file_holds_the_webhook_defaults() {
+        let file: FileConfig =
+            toml::from_str(include_str!("../../../tollgate.example.toml")).unwrap();
+        let config = Config::resolve(ServeArgs::default(), file).unwrap();
+        assert_eq!(config.webhooks, WebhookConfig::default());
+    }
+
+    #[test]
+    fn webhook_settings_come_from_the_file_or_the_environment() {
+        let file: FileConfig = toml::from_str(
+            "webhook_batch_interval = \"250ms\"\nwebhook_retry_schedule = \"1s, 1m\"\n",
+        )
+        .unwrap();
+        let config = Config::resolve(ServeArgs::default(), file).unwrap();
+        assert_eq!(config.webhooks.batch_interval, Duration::from_millis(250));
+        assert_eq!(
+            config.webhooks.retry_schedule.steps(),
+            [Duration::from_secs(1), Duration::from_secs(60)]
+        );
+        let args = ServeArgs {
+            webhook_retry_schedule: Some("100ms,200ms".into()),
+            ..ServeArgs::default()
+        };
+        let file: FileConfig = toml::from_str("webhook_retry_schedule = \"1h\"\n").unwrap();
+        let config = Config::resolve(args, file).unwrap();
+        assert_eq!(
+            config.webhooks.retry_schedule.steps(),
+            [Duration::from_millis(100), Duration::from_millis(200)]
+        );
+        for (args, message) in [
+            (
+                ServeArgs {
+                    webhook_batch_interval: Some("soon".into()),
+                    ..ServeArgs::default()
+                },
+                "webhook_batch_interval: 'soon' is not a duration like 1s",
+            ),
+            (
+                ServeArgs {
+                    webhook_batch_interval: Some("0s".into()),
+                    ..ServeArgs::default()
+                },
+                "webhook_batch_interval must be longer than zero",
+            ),
+            (
+                ServeArgs {
+                    webhook_retry_schedule: Some("5s,0s".into()),
+                    ..ServeArgs::default()
+                },
+                "webhook_retry_schedule: '0s': retry waits must be longer than zero",
+            ),
+        ] {
+            let error = Config::resolve(args, FileConfig::default()).unwrap_err();
+            assert_eq!(error.to_string(), message);
+        }
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct RunningServer {
     task: JoinHandle<anyhow::Result<()>>,
     /// Stopped after the last request, before the store closes.
     outbox: OutboxWriter,
+    /// Billing webhook batches and deliveries; stopped after the outbox's flush.
+    webhooks: tollgate_billing::DeliveryWorker,
     /// Keeps the demo's mock model running as long as the server.
     _demo: Option<tollgate_testkit::MockUpstream>,
 }
@@ -85,6 +87,8 @@ impl RunningServer {
             commit_wait_max_us = usage.wait_max.as_micros(),
             "usage events flushed"
         );
+        // Deliveries are durable: one abandoned now is sent, same id and bytes, on restart.
+        self.webhooks.shutdown().await;
         self.sqlite.close().await;
         served?
     }
@@ -164,6 +168,19 @@ pub async fn start_with_clock(
     };
 
     let (stop, stopped) = oneshot::channel::<()>();
+    let webhooks = tollgate_billing::DeliveryWorker::start(
+        store.clone(),
+        sealer.clone(),
+        clock.clone(),
+        tollgate_billing::WorkerConfig {
+            batch_interval: config.webhooks.batch_interval,
+            retry_schedule: config.webhooks.retry_schedule.clone(),
+            request_timeout: config.webhooks.timeout,
+            allow_private_networks,
+            ..tollgate_billing::WorkerConfig::default()
+        },
+    )
+    .context("building the webhook HTTP client")?;
     let task = tokio::spawn(async move {
         // Nagle's algorithm plus delayed ACKs adds ~40 ms to small streamed writes.
         let listener = listener.tap_io(|tcp| {
@@ -183,6 +200,7 @@ pub async fn start_with_clock(
         stop: Some(stop),
         task,
         outbox: outbox_writer,
+        webhooks,
         _demo: demo,
     })
 }

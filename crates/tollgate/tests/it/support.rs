@@ -40,6 +40,7 @@ pub fn test_config(dir: &TempDir) -> Config {
         upstream_timeout: Duration::from_secs(60),
         log_format: LogFormat::Text,
         demo: false,
+        webhooks: Default::default(),
     }
 }
 
