@@ -26,3 +26,4 @@ mod models;
 mod sdk;
 mod server;
 mod stream_ends;
+mod webhooks_delivery;
