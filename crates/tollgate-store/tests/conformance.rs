@@ -12,6 +12,9 @@
 #[path = "conformance/cases.rs"]
 #[macro_use]
 mod cases;
+#[path = "conformance/webhooks.rs"]
+#[macro_use]
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -29,6 +32,7 @@ async fn fresh_sqlite() -> (TempDir, Arc<dyn Store>) {
 }
 
 conformance_cases!(fresh_sqlite);
+webhook_conformance_cases!(fresh_sqlite);
 
 #[tokio::test]
 async fn data_survives_reopening_the_file() {
