@@ -26,4 +26,5 @@ mod models;
 mod sdk;
 mod server;
 mod stream_ends;
+mod webhook_receivers;
 mod webhooks_delivery;
