@@ -184,10 +184,13 @@ async fn run(context: Arc<Context>, stop: CancellationToken) {
     }
 }
 
-/// Cuts every batch that is due now, for every live endpoint.
+/// Cuts every batch that is due now, for every live endpoint. One endpoint's failure
+/// does not hold back the others.
 async fn cut_batches(context: &Context) -> Result<(), BillingError> {
     for endpoint in context.store.all_webhook_endpoints().await? {
-        cut_endpoint_batches(context, &endpoint).await?;
+        if let Err(e) = cut_endpoint_batches(context, &endpoint).await {
+            tracing::warn!(error = %e, webhook = %endpoint.id, "cutting a webhook batch failed; retrying next round");
+        }
     }
     Ok(())
 }
