@@ -136,6 +136,8 @@ fn http_client(config: &WorkerConfig) -> Result<reqwest::Client, reqwest::Error>
         .timeout(config.request_timeout)
         .tcp_nodelay(true)
         .redirect(reqwest::redirect::Policy::none())
+        // A proxy from the environment would resolve the name itself, past the guard.
+        .no_proxy()
         .user_agent(concat!("Tollgate-Webhooks/", env!("CARGO_PKG_VERSION")))
         .dns_resolver(Arc::new(GuardedResolver {
             allow_private_networks: config.allow_private_networks,
