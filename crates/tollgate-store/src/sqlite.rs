@@ -52,15 +52,21 @@ const GROUP_IS_LIVE: &str = "EXISTS (SELECT 1 FROM groups g \
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read connections; the machine Tollgate targets has few cores and reads are short.
 const READ_CONNECTIONS: u32 = 4;
-/// Usage events per INSERT statement of a batch: 14 columns each stays under SQLite's
-/// historical limit of 999 bound parameters.
-const USAGE_ROWS_PER_STATEMENT: usize = 64;
+/// Usage events per INSERT statement of a batch (the data plane's largest batch): 14
+/// columns each, 3,584 parameters, well under the 32,766 SQLite allows since 3.32 (the
+/// bundled SQLite is newer).
+const USAGE_ROWS_PER_STATEMENT: usize = 256;
+
+/// How often the WAL is checkpointed into the database file, off the commit path.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
     /// Exactly one connection: the in-process write lock.
     write: SqlitePool,
+    /// One connection that only checkpoints the WAL (file databases).
+    checkpoint: Option<SqlitePool>,
 }
 
 /// Where the database lives, from a `--database` value.
@@ -130,10 +136,17 @@ impl SqliteStore {
             // transaction survives a crash of the process (the WAL is in the OS's hands),
             // and only a power loss or kernel crash can roll back the last commits.
             .synchronous(SqliteSynchronous::Normal);
+        // Checkpoints copy the WAL into the database file and sync both. SQLite runs them
+        // by default inside the commit that fills the WAL past 1,000 pages, so every
+        // few hundred commits one request's commit paid for two fsyncs (the usage
+        // commit's p99, `docs/BENCHMARKS.md`). The writer never checkpoints; a
+        // connection of its own does, in the background (`checkpoint_in_background`),
+        // without blocking the writer or the readers.
         let write_options = base
             .clone()
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal);
+            .journal_mode(SqliteJournalMode::Wal)
+            .pragma("wal_autocheckpoint", "0");
         // The writer stays open for the life of the store, so the WAL index is always
         // there for the read-only connections.
         let write = SqlitePoolOptions::new()
@@ -141,13 +154,26 @@ impl SqliteStore {
             .min_connections(1)
             .idle_timeout(None)
             .max_lifetime(None)
+            // A file's connection cannot hang up the way a server's can; pinging it on
+            // every acquire only adds a round trip to its thread to every write (the
+            // usage commit's latency, `docs/BENCHMARKS.md`).
+            .test_before_acquire(false)
             .connect_with(write_options)
             .await?;
+        let checkpoint = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(base.clone())
+            .await?;
+        tokio::spawn(checkpoint_in_background(checkpoint.clone()));
         let read = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS)
             .connect_with(base.read_only(true))
             .await?;
-        Ok(SqliteStore { read, write })
+        Ok(SqliteStore {
+            read,
+            write,
+            checkpoint: Some(checkpoint),
+        })
     }
 
     async fn open_memory() -> StoreResult<SqliteStore> {
@@ -162,18 +188,48 @@ impl SqliteStore {
         Ok(SqliteStore {
             read: pool.clone(),
             write: pool,
+            checkpoint: None,
         })
     }
 
-    /// Closes both pools, waiting for connections in use to be returned. Called once on
-    /// graceful shutdown, after the last write.
+    /// Closes the pools, waiting for connections in use to be returned. Called once on
+    /// graceful shutdown, after the last write. The last connection to close
+    /// checkpoints the WAL into the database file.
     pub async fn close(&self) {
+        if let Some(checkpoint) = &self.checkpoint {
+            checkpoint.close().await;
+        }
         self.read.close().await;
         self.write.close().await;
     }
 
     async fn begin_write(&self) -> StoreResult<Transaction<'static, Sqlite>> {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] until the store is closed. PASSIVE:
+/// copies what no reader still needs and never waits for, or blocks, the writer or the
+/// readers. Pinned by `the_wal_is_checkpointed_in_the_background` in
+/// `tests/conformance.rs`.
+async fn checkpoint_in_background(pool: SqlitePool) {
+    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            if pool.is_closed() {
+                return;
+            }
+            // Another process checkpointing at the same moment; the next round catches up.
+            tracing::debug!(error = %e, "WAL checkpoint skipped");
+        }
     }
 }
 
@@ -201,6 +257,35 @@ fn page_bounds(page: PageRequest) -> (usize, i64, i64) {
     let limit = page.limit.max(1);
     let after = page.after.unwrap_or(0);
     (limit as usize, after, i64::from(limit) + 1)
+}
+
+/// `INSERT ... VALUES (...), (...) ON CONFLICT (idempotency_key) DO NOTHING` for
+/// `events`: a key already stored, or repeated within `events`, keeps its first copy.
+fn usage_insert(events: &[UsageEvent]) -> QueryBuilder<'_, Sqlite> {
+    let mut query = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO usage_events (idempotency_key, timestamp, request_id, \
+         request_metadata, model_slug, external_entity_id, api_key_prefix, group_id, \
+         workspace_id, status, input_tokens, output_tokens, cached_input_tokens, \
+         is_estimated) ",
+    );
+    query.push_values(events, |mut row, event| {
+        row.push_bind(event.idempotency_key.as_str())
+            .push_bind(event.timestamp.0)
+            .push_bind(event.request_id.as_str())
+            .push_bind(event.request_metadata.as_deref())
+            .push_bind(event.model_slug.as_str())
+            .push_bind(event.external_entity_id.as_str())
+            .push_bind(event.api_key_prefix.as_str())
+            .push_bind(event.group_id.as_str())
+            .push_bind(event.workspace_id.as_str())
+            .push_bind(event.status.as_str())
+            .push_bind(rows::token_count(event.input_tokens))
+            .push_bind(rows::token_count(event.output_tokens))
+            .push_bind(rows::token_count(event.cached_input_tokens))
+            .push_bind(event.is_estimated);
+    });
+    query.push(" ON CONFLICT (idempotency_key) DO NOTHING");
+    query
 }
 
 async fn fetch_page<T>(
@@ -786,38 +871,22 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    /// One `BEGIN IMMEDIATE` transaction of multi-row inserts: one commit (one WAL write)
-    /// for the whole batch instead of one per event.
+    /// One multi-row INSERT, which SQLite runs as one implicit transaction: atomic, one
+    /// commit (one WAL write) for the whole batch, and one round trip to the connection's
+    /// thread instead of three for BEGIN / INSERT / COMMIT — under CPU load each round
+    /// trip waits for a thread to be scheduled. Larger batches take several statements in
+    /// one `BEGIN IMMEDIATE` transaction.
     async fn insert_usage_events(&self, events: &[UsageEvent]) -> StoreResult<()> {
         if events.is_empty() {
             return Ok(());
         }
+        if events.len() <= USAGE_ROWS_PER_STATEMENT {
+            usage_insert(events).build().execute(&self.write).await?;
+            return Ok(());
+        }
         let mut tx = self.begin_write().await?;
         for chunk in events.chunks(USAGE_ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO usage_events (idempotency_key, timestamp, request_id, \
-                 request_metadata, model_slug, external_entity_id, api_key_prefix, group_id, \
-                 workspace_id, status, input_tokens, output_tokens, cached_input_tokens, \
-                 is_estimated) ",
-            );
-            query.push_values(chunk, |mut row, event| {
-                row.push_bind(event.idempotency_key.as_str())
-                    .push_bind(event.timestamp.0)
-                    .push_bind(event.request_id.as_str())
-                    .push_bind(event.request_metadata.as_deref())
-                    .push_bind(event.model_slug.as_str())
-                    .push_bind(event.external_entity_id.as_str())
-                    .push_bind(event.api_key_prefix.as_str())
-                    .push_bind(event.group_id.as_str())
-                    .push_bind(event.workspace_id.as_str())
-                    .push_bind(event.status.as_str())
-                    .push_bind(rows::token_count(event.input_tokens))
-                    .push_bind(rows::token_count(event.output_tokens))
-                    .push_bind(rows::token_count(event.cached_input_tokens))
-                    .push_bind(event.is_estimated);
-            });
-            query.push(" ON CONFLICT (idempotency_key) DO NOTHING");
-            query.build().execute(&mut *tx).await?;
+            usage_insert(chunk).build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -198,7 +198,7 @@ async fn two_stores_on_one_file_wait_for_each_other() {
 
 /// A batch of usage events is one transaction: when one row fails (here a trigger
 /// refuses it, standing for a full disk), none of the batch is stored, and the next
-/// batch is unaffected.
+/// batch is unaffected — for a batch of one INSERT statement and one of several.
 #[tokio::test]
 async fn a_usage_batch_is_stored_whole_or_not_at_all() {
     let dir = TempDir::new().unwrap();
@@ -235,10 +235,6 @@ async fn a_usage_batch_is_stored_whole_or_not_at_all() {
         cached_input_tokens: 0,
         is_estimated: false,
     };
-    // 100 good events around one refused row, across two INSERT statements.
-    let mut batch: Vec<UsageEvent> = (0..100).map(|n| event(n, &format!("req-{n}"))).collect();
-    batch.insert(80, event(1000, "req-poison"));
-    assert!(store.insert_usage_events(&batch).await.is_err());
     let stored = || async {
         store
             .list_usage_events(
@@ -253,9 +249,56 @@ async fn a_usage_batch_is_stored_whole_or_not_at_all() {
             .items
             .len()
     };
-    assert_eq!(stored().await, 0);
-    batch.remove(80);
-    store.insert_usage_events(&batch).await.unwrap();
-    assert_eq!(stored().await, 100);
+    let mut expected = 0;
+    for (size, poison_at) in [(100, 80), (600, 550)] {
+        let first = u32::try_from(expected).unwrap();
+        let mut batch: Vec<UsageEvent> = (first..first + size)
+            .map(|n| event(n, &format!("req-{n}")))
+            .collect();
+        batch.insert(poison_at, event(100_000, "req-poison"));
+        assert!(store.insert_usage_events(&batch).await.is_err());
+        assert_eq!(stored().await, expected, "batch of {size}");
+        batch.remove(poison_at);
+        store.insert_usage_events(&batch).await.unwrap();
+        expected += usize::try_from(size).unwrap();
+        assert_eq!(stored().await, expected);
+    }
+    store.close().await;
+}
+
+/// The writer never checkpoints (its commits stay cheap); a background connection does:
+/// shortly after a write, the database file alone — without its WAL — holds the rows.
+#[tokio::test]
+async fn the_wal_is_checkpointed_in_the_background() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("tollgate.db");
+    let store = SqliteStore::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    store.create_workspace("acme", cases::T0).await.unwrap();
+    let copy = dir.path().join("copy.db");
+    let mut names = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // The main file only: what is still in the WAL is not in the copy.
+        std::fs::copy(&path, &copy).unwrap();
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!(
+            "sqlite://{}?mode=ro&immutable=1",
+            copy.display()
+        ))
+        .await
+        .unwrap();
+        names = sqlx::query_scalar::<_, String>(
+            "SELECT name FROM sqlite_master WHERE name = 'workspaces' \
+             UNION ALL SELECT name FROM workspaces",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_default();
+        if names.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(names, ["workspaces", "acme"]);
     store.close().await;
 }

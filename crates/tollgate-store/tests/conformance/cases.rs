@@ -1500,6 +1500,14 @@ pub async fn usage_events_are_stored_in_batches_once_each(store: Arc<dyn Store>)
     store.insert_usage_events(&batch).await.unwrap();
     // The whole batch again: nothing new.
     store.insert_usage_events(&batch).await.unwrap();
+    // A small batch (one INSERT statement) repeating a key inside it.
+    let small = event(301, "ws_a", "grp_1", M, at(301));
+    let mut repeated_small = small.clone();
+    repeated_small.output_tokens = 7;
+    store
+        .insert_usage_events(&[small.clone(), repeated_small])
+        .await
+        .unwrap();
 
     let stored = store
         .list_usage_events(&UsageFilter::default(), ALL)
@@ -1519,7 +1527,8 @@ pub async fn usage_events_are_stored_in_batches_once_each(store: Arc<dyn Store>)
         }
         e
     }));
-    assert_eq!(stored.len(), 301);
+    expected.push(small);
+    assert_eq!(stored.len(), 302);
     assert_eq!(stored, expected);
 }
 

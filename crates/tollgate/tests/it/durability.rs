@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -18,7 +18,7 @@ use rand::{Rng as _, SeedableRng as _};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tollgate_store::{PageRequest, SqliteStore, Store, UsageEvent, UsageFilter};
 use tollgate_testkit::MockUpstream;
 
@@ -32,7 +32,8 @@ pub(crate) struct Gateway {
     /// `127.0.0.1:<port>`
     pub(crate) addr: String,
     pub(crate) admin_key: String,
-    log: Arc<Mutex<Vec<String>>>,
+    /// Its stderr, line by line; closed when the process has ended.
+    log: mpsc::UnboundedReceiver<String>,
 }
 
 impl Gateway {
@@ -56,11 +57,16 @@ impl Gateway {
             .kill_on_drop(true);
         let mut child = command.spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let (send, mut log) = mpsc::unbounded_channel();
+        // Always reading, so a full pipe never blocks the gateway.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = send.send(line);
+            }
+        });
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
-                let line = lines.next_line().await.unwrap().expect("gateway ended");
-                log.lock().unwrap().push(line.clone());
+                let line = log.recv().await.expect("gateway ended");
                 if let (true, Some(at)) = (line.contains("tollgate listening"), line.find("addr="))
                 {
                     let rest = &line[at + 5..];
@@ -70,13 +76,6 @@ impl Gateway {
         })
         .await
         .expect("the gateway never listened");
-        // Keep reading, so a full pipe never blocks the gateway.
-        let drained = Arc::clone(&log);
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                drained.lock().unwrap().push(line);
-            }
-        });
         Gateway {
             child,
             addr,
@@ -109,10 +108,16 @@ impl Gateway {
             .unwrap()
     }
 
-    /// The first log line containing `text`.
-    pub(crate) fn log_line(&self, text: &str) -> Option<String> {
-        let log = self.log.lock().unwrap();
-        log.iter().find(|line| line.contains(text)).cloned()
+    /// The first log line after "tollgate listening" containing `text`, once the
+    /// process has ended.
+    pub(crate) async fn log_line(&mut self, text: &str) -> Option<String> {
+        let mut found = None;
+        while let Some(line) = self.log.recv().await {
+            if found.is_none() && line.contains(text) {
+                found = Some(line);
+            }
+        }
+        found
     }
 }
 
@@ -535,7 +540,7 @@ async fn sigterm_after_the_last_response_keeps_all_fifty_events() {
     let report = drive_load(&gateway, &tenant, 50, 10, on_complete).await;
     let mut gateway = Arc::into_inner(gateway).unwrap();
     assert!(gateway.exited().await.success());
-    let flushed = gateway.log_line("usage events flushed").unwrap();
+    let flushed = gateway.log_line("usage events flushed").await.unwrap();
     assert!(flushed.contains("events=50 "), "{flushed}");
 
     let mut restarted = Gateway::start(&db_url).await;
