@@ -805,7 +805,15 @@ async fn deliveries_are_listed_in_order_and_any_of_them_can_be_retried() {
         stored.body,
         br#"{"type":"API_BILLING_USAGE","data":{"events":[]}}"#
     );
-    assert_eq!(stored.retry_step, 0);
+    // The reset starts the schedule over. The delivery worker runs in this server too and
+    // may already have tried the now-due delivery once (its receiver refuses connections),
+    // so the stored state is either "reset, not tried yet" or "reset, tried once, failed".
+    assert!(
+        matches!((stored.attempts, stored.retry_step), (1, 0) | (2, 1)),
+        "attempts {} retry_step {}",
+        stored.attempts,
+        stored.retry_step
+    );
 
     // Unknown ids, and another endpoint's delivery through this endpoint, are 404.
     for delivery in ["dlv_nope", "dlv_elsewhere"] {
