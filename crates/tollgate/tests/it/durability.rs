@@ -2,10 +2,10 @@
 //! received in full has its event stored, whatever happens to the gateway afterwards —
 //! `kill -9` under load, or SIGTERM right after the last response.
 //!
-//! [`Gateway`], [`Tenant`] and [`drive_load`] are the pieces to reuse for the webhook
-//! half of C16 (every complete response's event reaching the sink): register a webhook
-//! endpoint on the tenant before the load, then compare the sink with
-//! [`LoadReport::complete_ids`] after the restart.
+//! The SIGKILL variant also runs with a webhook endpoint registered: after the restart,
+//! every stored event — so every complete response's — reaches the sink
+//! (`kill_9_under_load_every_stored_event_reaches_the_webhook_sink`). [`Gateway`],
+//! [`Tenant`], [`drive_load`] and [`kill_9_under_load`] are the pieces to reuse.
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::{ExitStatus, Stdio};
@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, Notify};
 use tollgate_store::{PageRequest, SqliteStore, Store, UsageEvent, UsageFilter};
-use tollgate_testkit::MockUpstream;
+use tollgate_testkit::{MockUpstream, WebhookSink};
 
 use crate::support::ok_json;
 
@@ -52,6 +52,8 @@ impl Gateway {
             .env("RUST_LOG", "info")
             .env("TOLLGATE_ADMIN_KEY", &admin_key)
             .env("TOLLGATE_ALLOW_PRIVATE_NETWORKS", "true")
+            .env("TOLLGATE_WEBHOOK_BATCH_INTERVAL", "200ms")
+            .env("TOLLGATE_WEBHOOK_RETRY_SCHEDULE", "100ms,200ms,400ms")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -346,7 +348,9 @@ fn kill_seed() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_no_event_of_a_complete_response() {
-    kill_9_under_load(Stall::No).await;
+    let run = kill_9_under_load(Stall::No, None).await;
+    run.assert_every_complete_response_has_one_event().await;
+    run.stop().await;
 }
 
 /// The same, with the database stalled (another process holds its write lock) from the
@@ -355,18 +359,89 @@ async fn kill_9_under_load_loses_no_event_of_a_complete_response() {
 /// when the kill happens to land in the sub-millisecond window of a normal commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_the_store_stalls_loses_no_event_of_a_complete_response() {
-    kill_9_under_load(Stall::Yes).await;
+    let run = kill_9_under_load(Stall::Yes, None).await;
+    run.assert_every_complete_response_has_one_event().await;
+    run.stop().await;
 }
 
+/// C16's SIGKILL variant, sink half: after the restart every stored event — among them
+/// every complete response's — reaches the webhook sink, signed, with duplicates only
+/// under an identical idempotency key and body. A batch the killed process was sending
+/// is sent again once its lease runs out (attempt timeout + 5 s), hence the long wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_every_stored_event_reaches_the_webhook_sink() {
+    let sink = WebhookSink::start().await.unwrap();
+    let run = kill_9_under_load(Stall::No, Some(&sink.url())).await;
+    run.assert_every_complete_response_has_one_event().await;
+    let stored: HashSet<String> = stored_events(&run.db_url)
+        .await
+        .into_iter()
+        .map(|e| e.request_id)
+        .collect();
+    let delivered = |requests: &[tollgate_testkit::ReceivedWebhook]| -> HashSet<String> {
+        tollgate_testkit::dedupe_accepted(requests)
+            .events
+            .values()
+            .filter_map(|e| e["requestId"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let is_all_there = sink
+        .wait_until(Duration::from_secs(60), |requests| {
+            delivered(requests).is_superset(&stored)
+        })
+        .await;
+    let requests = sink.requests();
+    let got = delivered(&requests);
+    let missing: Vec<&String> = stored.iter().filter(|id| !got.contains(*id)).collect();
+    assert!(
+        is_all_there,
+        "not delivered (seed {}): {missing:?}",
+        run.seed
+    );
+    assert_eq!(got, stored, "the sink holds exactly the stored events");
+    let kept = tollgate_testkit::dedupe_accepted(&requests);
+    assert!(kept.conflicts.is_empty(), "{:?}", kept.conflicts);
+    let (_, secret) = run.webhook.clone().unwrap();
+    assert!(requests.iter().all(|r| r.verifies(&secret)));
+    println!(
+        "kill test: {} events delivered in {} requests ({} repeated under their own key)",
+        got.len(),
+        requests.len(),
+        kept.duplicates
+    );
+    run.stop().await;
+}
+
+/// Whether the database stalls around the kill
+/// (`kill_9_while_the_store_stalls_loses_no_event_of_a_complete_response`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stall {
+pub(crate) enum Stall {
     No,
     Yes,
 }
 
+/// What a kill run leaves for its checks.
+pub(crate) struct KilledRun {
+    pub(crate) seed: u64,
+    stall: Stall,
+    kill_after: usize,
+    /// What each of the 200 clients' requests came to.
+    pub(crate) report: LoadReport,
+    /// The gateway started again on the same file after the kill, still running — its
+    /// webhook worker delivers what the killed process had not.
+    pub(crate) restarted: Gateway,
+    /// The webhook endpoint's id and secret, when the run registered one.
+    pub(crate) webhook: Option<(String, String)>,
+    pub(crate) db_url: String,
+    _dir: tempfile::TempDir,
+    _mock: MockUpstream,
+}
+
 /// C16's SIGKILL variant: 200 requests from 24 clients, streamed and not, on a quick
-/// and a slow endpoint; `kill -9` at a seeded moment; restart on the same file.
-async fn kill_9_under_load(stall: Stall) {
+/// and a slow endpoint; `kill -9` at a seeded moment; restart on the same file. With
+/// `webhook_url`, a webhook endpoint pointing there is registered before the load (the
+/// sink half of C16: every event of [`LoadReport::complete_ids`] must reach it).
+pub(crate) async fn kill_9_under_load(stall: Stall, webhook_url: Option<&str>) -> KilledRun {
     let seed = kill_seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // The kill lands after this many complete responses, then a random extra delay,
@@ -396,6 +471,28 @@ async fn kill_9_under_load(stall: Stall) {
         ],
     )
     .await;
+    let webhook = match webhook_url {
+        Some(url) => {
+            let created = ok_json(
+                reqwest::Client::new()
+                    .post(format!(
+                        "http://{}/v1/gateway/webhook_endpoints",
+                        gateway.addr
+                    ))
+                    .header("Authorization", format!("Api-Key {}", gateway.admin_key))
+                    .json(&json!({"url": url, "description": "kill test"}))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            Some((
+                created["id"].as_str().unwrap().to_owned(),
+                created["secret"].as_str().unwrap().to_owned(),
+            ))
+        }
+        None => None,
+    };
     let staller = match stall {
         Stall::No => None,
         Stall::Yes => Some(Arc::new(tokio::sync::Mutex::new(
@@ -449,68 +546,96 @@ async fn kill_9_under_load(stall: Stall) {
             .unwrap();
     }
 
-    // Restart on the same file: it opens (WAL recovered) and serves; then stop it.
-    let mut restarted = Gateway::start(&db_url).await;
+    // Restart on the same file: it opens (WAL recovered) and serves.
+    let restarted = Gateway::start(&db_url).await;
     let health = reqwest::get(format!("http://{}/healthz", restarted.addr))
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
-    restarted.sigterm();
-    assert!(restarted.exited().await.success());
+    KilledRun {
+        seed,
+        stall,
+        kill_after,
+        report,
+        restarted,
+        webhook,
+        db_url,
+        _dir: dir,
+        _mock: mock,
+    }
+}
 
-    let events = stored_events(&db_url).await;
-    let complete = report.complete_ids();
-    let cut = report.count(|o| matches!(o, Outcome::Cut { .. }));
-    let unanswered = report.count(|o| matches!(o, Outcome::Unanswered));
-    let not_sent = report.count(|o| matches!(o, Outcome::NotSent));
-    let answered: HashSet<String> = report
-        .outcomes
-        .iter()
-        .filter_map(|o| match o {
-            Outcome::Complete { request_id } | Outcome::Cut { request_id } => {
-                Some(request_id.clone())
-            }
-            _ => None,
-        })
-        .collect();
-    // A complete answer killed between its commit and its first byte is billed and
-    // never seen: the tokens were spent upstream all the same.
-    let stored_unseen = events
-        .iter()
-        .filter(|e| !answered.contains(&e.request_id))
-        .count();
-    println!(
-        "kill test ({stall:?} stall): {} complete, {cut} cut, {unanswered} unanswered, {not_sent} not sent; {} \
-         events stored ({stored_unseen} of requests whose answer never arrived)",
-        complete.len(),
-        events.len()
-    );
-    assert_eq!(report.outcomes.len(), 200);
-    assert_eq!(
-        report.count(|o| matches!(o, Outcome::Refused { .. })),
-        0,
-        "{:?}",
-        report.outcomes
-    );
-    assert!(complete.len() >= kill_after, "{} complete", complete.len());
-    assert!(
-        complete.len() < 200,
-        "the kill landed after the load ended; nothing was tested mid-flight"
-    );
-    assert_eq!(duplicated_request_ids(&events), Vec::<String>::new());
-    let stored: HashSet<&str> = events.iter().map(|e| e.request_id.as_str()).collect();
-    let missing: Vec<&String> = complete
-        .iter()
-        .filter(|id| !stored.contains(id.as_str()))
-        .collect();
-    assert_eq!(
-        missing,
-        Vec::<&String>::new(),
-        "complete responses without an event (seed {seed})"
-    );
-    // At most one event per request sent, all of them the customer's.
-    assert!(events.len() <= 200 - not_sent);
-    assert!(events.iter().all(|e| e.external_entity_id == "cust-7"));
+impl KilledRun {
+    /// C16's store half: every response the client received in full has exactly one
+    /// stored event with its request id; no request id is stored twice.
+    pub(crate) async fn assert_every_complete_response_has_one_event(&self) {
+        let (report, seed) = (&self.report, self.seed);
+        let events = stored_events(&self.db_url).await;
+        let complete = report.complete_ids();
+        let cut = report.count(|o| matches!(o, Outcome::Cut { .. }));
+        let unanswered = report.count(|o| matches!(o, Outcome::Unanswered));
+        let not_sent = report.count(|o| matches!(o, Outcome::NotSent));
+        let answered: HashSet<String> = report
+            .outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Outcome::Complete { request_id } | Outcome::Cut { request_id } => {
+                    Some(request_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        // A complete answer killed between its commit and its first byte is billed and
+        // never seen: the tokens were spent upstream all the same.
+        let stored_unseen = events
+            .iter()
+            .filter(|e| !answered.contains(&e.request_id))
+            .count();
+        println!(
+            "kill test ({:?} stall): {} complete, {cut} cut, {unanswered} unanswered, \
+             {not_sent} not sent; {} events stored ({stored_unseen} of requests whose \
+             answer never arrived)",
+            self.stall,
+            complete.len(),
+            events.len()
+        );
+        assert_eq!(report.outcomes.len(), 200);
+        assert_eq!(
+            report.count(|o| matches!(o, Outcome::Refused { .. })),
+            0,
+            "{:?}",
+            report.outcomes
+        );
+        assert!(
+            complete.len() >= self.kill_after,
+            "{} complete",
+            complete.len()
+        );
+        assert!(
+            complete.len() < 200,
+            "the kill landed after the load ended; nothing was tested mid-flight"
+        );
+        assert_eq!(duplicated_request_ids(&events), Vec::<String>::new());
+        let stored: HashSet<&str> = events.iter().map(|e| e.request_id.as_str()).collect();
+        let missing: Vec<&String> = complete
+            .iter()
+            .filter(|id| !stored.contains(id.as_str()))
+            .collect();
+        assert_eq!(
+            missing,
+            Vec::<&String>::new(),
+            "complete responses without an event (seed {seed})"
+        );
+        // At most one event per request sent, all of them the customer's.
+        assert!(events.len() <= 200 - not_sent);
+        assert!(events.iter().all(|e| e.external_entity_id == "cust-7"));
+    }
+
+    /// SIGTERM to the restarted gateway; it must exit cleanly.
+    pub(crate) async fn stop(mut self) {
+        self.restarted.sigterm();
+        assert!(self.restarted.exited().await.success());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
