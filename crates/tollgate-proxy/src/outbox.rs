@@ -449,8 +449,8 @@ mod tests {
             let outbox = outbox.clone();
             async move { outbox.commit(event(0)).await }
         });
+        tokio::time::sleep(Duration::from_millis(100)).await;
         until_queued(&outbox, 0).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
         // ... while 50 more arrive.
         let mut later = Vec::new();
         for n in 1..=50 {
@@ -548,21 +548,24 @@ mod tests {
         let (outbox, writer) = Outbox::start(db.store());
         let lock = hold_write_lock(&db).await;
         let runtime = tokio::runtime::Handle::current();
-        let mut commits = Vec::new();
-        for n in 0..50 {
-            let work = {
-                let outbox = outbox.clone();
-                async move { outbox.commit(event(n)).await }
-            };
+        let commit = |n: usize| {
+            let outbox = outbox.clone();
+            async move { outbox.commit(event(n)).await }
+        };
+        // The writer takes one event and waits on the lock with it...
+        let mut commits = vec![outbox.spawn_on(commit(0), &runtime)];
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        until_queued(&outbox, 0).await;
+        // ... while 49 more queue up.
+        for n in 1..50 {
             commits.push(if n % 2 == 0 {
                 // A request's commit task, which shutdown waits for...
-                outbox.spawn_on(work, &runtime)
+                outbox.spawn_on(commit(n), &runtime)
             } else {
                 // ... and a commit nobody tracks, only queued.
-                tokio::spawn(work)
+                tokio::spawn(commit(n))
             });
         }
-        // One event is with the writer (waiting on the lock), 49 queued.
         until_queued(&outbox, 49).await;
         let shutdown = tokio::spawn(writer.shutdown());
         tokio::time::sleep(Duration::from_millis(100)).await;

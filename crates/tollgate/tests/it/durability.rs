@@ -373,11 +373,12 @@ async fn kill_9_under_load_every_stored_event_reaches_the_webhook_sink() {
     let sink = WebhookSink::start().await.unwrap();
     let run = kill_9_under_load(Stall::No, Some(&sink.url())).await;
     run.assert_every_complete_response_has_one_event().await;
-    let stored: HashSet<String> = stored_events(&run.db_url)
+    let stored_keys: BTreeMap<String, String> = stored_events(&run.db_url)
         .await
         .into_iter()
-        .map(|e| e.request_id)
+        .map(|e| (e.request_id, e.idempotency_key))
         .collect();
+    let stored: HashSet<String> = stored_keys.keys().cloned().collect();
     let delivered = |requests: &[tollgate_testkit::ReceivedWebhook]| -> HashSet<String> {
         tollgate_testkit::dedupe_accepted(requests)
             .events
@@ -401,6 +402,14 @@ async fn kill_9_under_load_every_stored_event_reaches_the_webhook_sink() {
     assert_eq!(got, stored, "the sink holds exactly the stored events");
     let kept = tollgate_testkit::dedupe_accepted(&requests);
     assert!(kept.conflicts.is_empty(), "{:?}", kept.conflicts);
+    // Identity survives the kill: each event is delivered under the idempotency key it
+    // was committed with before the process died.
+    let delivered_keys: BTreeMap<String, String> = kept
+        .events
+        .iter()
+        .map(|(key, e)| (e["requestId"].as_str().unwrap().to_owned(), key.clone()))
+        .collect();
+    assert_eq!(delivered_keys, stored_keys);
     let (_, secret) = run.webhook.clone().unwrap();
     assert!(requests.iter().all(|r| r.verifies(&secret)));
     println!(
