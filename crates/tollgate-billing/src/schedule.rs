@@ -75,7 +75,9 @@ impl RetrySchedule {
         } else {
             0.0
         };
-        step + step.mul_f64(0.1 * unit)
+        // Saturating: a step near `Duration::MAX` (a schedule of absurd length) must not
+        // overflow inside the worker.
+        step.saturating_add(step.mul_f64(0.1 * unit))
     }
 }
 
@@ -139,5 +141,16 @@ mod tests {
         assert_eq!(RetrySchedule::jittered(step, 1.0), Duration::from_secs(33));
         assert_eq!(RetrySchedule::jittered(step, f64::NAN), step);
         assert_eq!(RetrySchedule::jittered(step, 7.0), Duration::from_secs(33));
+    }
+
+    #[test]
+    fn jitter_on_a_step_near_the_largest_duration_saturates() {
+        // 584,000,000,000 years parse (just under u64::MAX seconds); +10 % overflows.
+        let schedule = RetrySchedule::parse("584000000000y").unwrap();
+        let step = schedule.step(0).unwrap();
+        assert_eq!(step, Duration::from_secs(18_429_638_400_000_000_000));
+        assert_eq!(RetrySchedule::jittered(step, 1.0), Duration::MAX);
+        assert_eq!(RetrySchedule::jittered(Duration::MAX, 0.5), Duration::MAX);
+        assert_eq!(RetrySchedule::jittered(step, 0.0), step);
     }
 }

@@ -431,8 +431,7 @@ async fn send(context: &Context, delivery: &WebhookDelivery) -> Result<Outcome, 
     Ok(match request.send().await {
         Ok(response) => {
             let status = response.status().as_u16();
-            // Read (and drop) a little of the answer so the connection can be reused.
-            let _ = tokio::time::timeout(Duration::from_secs(1), response.bytes()).await;
+            drain_answer(response).await;
             classify(status)
         }
         Err(e) => Outcome::Retry {
@@ -440,6 +439,26 @@ async fn send(context: &Context, delivery: &WebhookDelivery) -> Result<Outcome, 
             error: describe(&e, context.config.request_timeout),
         },
     })
+}
+
+/// Most bytes of a receiver's answer read (and dropped).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Reads a short answer to its end (for at most a second) so the connection can be
+/// reused; stops after [`MAX_ANSWER_BYTES`] and drops the response, closing the
+/// connection, so a receiver that answers with an endless or huge body costs neither
+/// memory nor more than that second.
+async fn drain_answer(mut response: reqwest::Response) {
+    let drain = async {
+        let mut read = 0;
+        while read <= MAX_ANSWER_BYTES {
+            match response.chunk().await {
+                Ok(Some(chunk)) => read += chunk.len(),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {

@@ -594,3 +594,66 @@ async fn c18_every_signature_verifies_over_the_raw_bytes() {
         assert_eq!(event["externalCustomerId"], r#"cust "7" \ back\slash"#);
     }
 }
+
+/// A receiver that accepts with 200 and then streams an endless answer. Returns its URL
+/// and a channel that yields how many answer bytes it managed to write before the
+/// worker closed the connection.
+async fn endless_answer_receiver() -> (String, tokio::sync::oneshot::Receiver<u64>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/webhook", listener.local_addr().unwrap());
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        // Read the request head and its body (whatever arrives first is enough).
+        let mut buffer = vec![0_u8; 64 * 1024];
+        let _ = stream.read(&mut buffer).await;
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1099511627776\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut written: u64 = 0;
+        while stream.write_all(&chunk).await.is_ok() {
+            written += chunk.len() as u64;
+        }
+        let _ = written_tx.send(written);
+    });
+    (url, written_rx)
+}
+
+#[tokio::test]
+async fn an_endless_answer_is_not_read_into_memory() {
+    let rig = Rig::new(Arc::new(SystemClock)).await;
+    let (url, written) = endless_answer_receiver().await;
+    let created = create_webhook_endpoint(
+        rig.store.as_ref(),
+        &rig.sealer,
+        &rig.workspace_id,
+        &url,
+        None,
+        rig.clock.now(),
+    )
+    .await
+    .unwrap();
+    let worker = rig.worker(fast("10s"));
+    rig.store_events(1).await;
+
+    let deliveries = rig
+        .wait_deliveries(&created.endpoint.id, |d| {
+            d.first()
+                .is_some_and(|d| d.status == DeliveryStatus::Delivered)
+        })
+        .await;
+    assert_eq!(deliveries[0].status, DeliveryStatus::Delivered);
+    assert_eq!(deliveries[0].last_http_status, Some(200));
+    assert_eq!(deliveries[0].attempts, 1);
+    // The worker reads at most 64 KiB of an answer, then closes the connection; what the
+    // receiver wrote beyond that sits in the two socket buffers (about 4 MiB on Linux).
+    let written = tokio::time::timeout(WAIT, written).await.unwrap().unwrap();
+    assert!(
+        written < 32 * 1024 * 1024,
+        "the receiver wrote {written} bytes of its answer before the worker hung up"
+    );
+    worker.shutdown().await;
+}
