@@ -235,6 +235,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<WebhookSecret>>;
     /// At most `limit` usage events of the workspace stored after sequence number
     /// `after`, in storage order, with their sequence numbers.
+    ///
+    /// Every backend must make sequence numbers visible in increasing order: once a
+    /// reader has seen sequence number N, no event with a smaller number may appear
+    /// later. Webhook cursors and event-list cursors move past what they have seen, so
+    /// a number assigned before a slower commit (a PostgreSQL sequence shared by
+    /// concurrent transactions) would be skipped — an event never delivered. SQLite's
+    /// single writer gives this for free; another backend must serialize usage inserts
+    /// or only hand out events below its oldest in-flight sequence number.
     async fn usage_events_after(
         &self,
         workspace_id: &str,
