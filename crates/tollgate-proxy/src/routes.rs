@@ -65,27 +65,26 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 }
 
 async fn chat_completions(State(plane): State<DataPlane>, request: Request) -> Response {
+    let id = request_id(&request);
     answer(
-        &request_id(&request),
-        proxy(&plane, InferenceRoute::ChatCompletions, request),
+        &id,
+        proxy(&plane, InferenceRoute::ChatCompletions, &id, request),
     )
     .await
 }
 
 async fn completions(State(plane): State<DataPlane>, request: Request) -> Response {
+    let id = request_id(&request);
     answer(
-        &request_id(&request),
-        proxy(&plane, InferenceRoute::Completions, request),
+        &id,
+        proxy(&plane, InferenceRoute::Completions, &id, request),
     )
     .await
 }
 
 async fn embeddings(State(plane): State<DataPlane>, request: Request) -> Response {
-    answer(
-        &request_id(&request),
-        proxy(&plane, InferenceRoute::Embeddings, request),
-    )
-    .await
+    let id = request_id(&request);
+    answer(&id, proxy(&plane, InferenceRoute::Embeddings, &id, request)).await
 }
 
 async fn list_models(State(plane): State<DataPlane>, request: Request) -> Response {
@@ -124,14 +123,15 @@ async fn answer(
     response
 }
 
-/// The whole inference path.
+/// The whole inference path. `request_id` is the one `answer` puts on the response, so
+/// the usage event and `x-request-id` always agree.
 async fn proxy(
     plane: &DataPlane,
     route: InferenceRoute,
+    request_id: &RequestId,
     request: Request,
 ) -> Result<Response, ProxyError> {
     let state = &plane.state;
-    let request_id = request_id(&request);
     let (parts, body) = request.into_parts();
 
     let caller = authenticate(state.store.as_ref(), &parts.headers).await?;
