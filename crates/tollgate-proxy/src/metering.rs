@@ -82,14 +82,16 @@ pub struct Metered {
 }
 
 impl Metered {
-    fn reported_or(reported: Option<Usage>, estimate: Usage) -> Self {
+    /// `estimate` runs only when nothing usable was reported: for a complete body it
+    /// parses the body a second time.
+    fn reported_or(reported: Option<Usage>, estimate: impl FnOnce() -> Usage) -> Self {
         match reported {
             Some(usage) if usage.total() > 0 => Metered {
                 usage,
                 is_estimated: false,
             },
             _ => Metered {
-                usage: estimate,
+                usage: estimate(),
                 is_estimated: true,
             },
         }
@@ -98,23 +100,21 @@ impl Metered {
     /// A stream's tokens: the last usage reported, else the prompt estimate plus one
     /// completion token per content chunk delivered.
     pub fn of_stream(summary: &StreamSummary, prompt_estimate: u64) -> Self {
-        let estimate = Usage {
+        Self::reported_or(summary.usage, || Usage {
             prompt_tokens: prompt_estimate,
             completion_tokens: summary.content_chunks,
             cached_tokens: 0,
-        };
-        Self::reported_or(summary.usage, estimate)
+        })
     }
 
     /// A complete body's tokens: the usage reported, else the prompt estimate plus the
     /// generated text's bytes / 4.
     pub fn of_body(summary: &BodySummary, body: &[u8], prompt_estimate: u64) -> Self {
-        let estimate = Usage {
+        Self::reported_or(summary.usage, || Usage {
             prompt_tokens: prompt_estimate,
             completion_tokens: generated_bytes(body).div_ceil(4),
             cached_tokens: 0,
-        };
-        Self::reported_or(summary.usage, estimate)
+        })
     }
 }
 
@@ -764,6 +764,7 @@ mod tests {
             .admit(AdmitRequest {
                 limits: &limits,
                 slug: "acme/m",
+                tree_root: "grp_1",
                 mode: LimitMode::Cascading,
                 estimated_tokens: 11,
             })
