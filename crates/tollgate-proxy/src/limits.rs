@@ -15,9 +15,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::Response;
 use tollgate_core::hierarchy::EffectiveLimit;
 use tollgate_core::{Group, LimitUnit};
-use tollgate_limits::{
-    AdmitRequest, Decision, HeaderLimit, Limiter, RateHeaders, Refusal, Reservation,
-};
+use tollgate_limits::{AdmitRequest, Decision, Limiter, RateHeaders, Refusal, Reservation};
 
 use crate::auth::Caller;
 use crate::error::{error_response, ProxyError};
@@ -46,9 +44,15 @@ pub async fn admit(
         .first()
         .map(|group| group.mode)
         .ok_or(ProxyError::InvalidKey)?;
+    let tree_root = caller
+        .chain
+        .last()
+        .map(|group| group.id.as_str())
+        .ok_or(ProxyError::InvalidKey)?;
     let request = AdmitRequest {
         limits,
         slug,
+        tree_root,
         mode,
         estimated_tokens,
     };
@@ -125,37 +129,42 @@ impl Drop for Settlement {
     }
 }
 
+/// `limit`, `remaining` and `reset` header names of one type of limit.
+struct RateHeaderNames {
+    limit: HeaderName,
+    remaining: HeaderName,
+    reset: HeaderName,
+}
+
+const REQUEST_HEADERS: RateHeaderNames = RateHeaderNames {
+    limit: HeaderName::from_static("x-ratelimit-limit-requests"),
+    remaining: HeaderName::from_static("x-ratelimit-remaining-requests"),
+    reset: HeaderName::from_static("x-ratelimit-reset-requests"),
+};
+
+const TOKEN_HEADERS: RateHeaderNames = RateHeaderNames {
+    limit: HeaderName::from_static("x-ratelimit-limit-tokens"),
+    remaining: HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    reset: HeaderName::from_static("x-ratelimit-reset-tokens"),
+};
+
 /// The `x-ratelimit-*` headers: for each type with a limit, its tightest limit's
 /// `limit`, `remaining` and `reset`. A type without any limit gets none of its three
 /// headers (an unlimited type has no tightest limit; `docs/limits.md`).
 pub fn insert_rate_headers(rate: &RateHeaders, headers: &mut HeaderMap) {
-    for (kind, limit) in [("requests", rate.requests), ("tokens", rate.tokens)] {
+    for (names, limit) in [
+        (REQUEST_HEADERS, rate.requests),
+        (TOKEN_HEADERS, rate.tokens),
+    ] {
         let Some(limit) = limit else {
             continue;
         };
-        for (name, value) in rate_header_values(kind, &limit) {
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(&value),
-            ) {
-                headers.insert(name, value);
-            }
+        headers.insert(names.limit, HeaderValue::from(limit.limit));
+        headers.insert(names.remaining, HeaderValue::from(limit.remaining));
+        if let Ok(reset) = HeaderValue::from_str(&openai_duration(limit.reset_ms)) {
+            headers.insert(names.reset, reset);
         }
     }
-}
-
-fn rate_header_values(kind: &str, limit: &HeaderLimit) -> [(String, String); 3] {
-    [
-        (format!("x-ratelimit-limit-{kind}"), limit.limit.to_string()),
-        (
-            format!("x-ratelimit-remaining-{kind}"),
-            limit.remaining.to_string(),
-        ),
-        (
-            format!("x-ratelimit-reset-{kind}"),
-            openai_duration(limit.reset_ms),
-        ),
-    ]
 }
 
 /// A duration as OpenAI writes its reset headers (Go's `time.Duration` style, to the
@@ -259,7 +268,7 @@ mod tests {
 
     use async_trait::async_trait;
     use tollgate_core::{LimitMode, LimitType, Timestamp};
-    use tollgate_limits::LimiterError;
+    use tollgate_limits::{HeaderLimit, LimiterError};
 
     use super::*;
 
