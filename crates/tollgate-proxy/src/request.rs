@@ -202,9 +202,8 @@ impl ParsedRequest {
             if i > 0 {
                 out.push(b',');
             }
-            let encoded = serde_json::to_string(name)
+            serde_json::to_writer(&mut out, name)
                 .map_err(|e| ProxyError::Internal(format!("encoding a field name: {e}")))?;
-            out.extend_from_slice(encoded.as_bytes());
             out.push(b':');
             let value = if name == "model" { &model } else { value };
             out.extend_from_slice(value.get().as_bytes());
