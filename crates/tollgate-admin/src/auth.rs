@@ -7,10 +7,10 @@
 
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use tollgate_core::keys::{key_matches, lookup_prefix, parse_authorization};
+use tollgate_core::keys::{key_matches, lookup_prefix, single_authorization, AuthorizationError};
 use tollgate_store::Scope;
 
 use crate::error::ApiError;
@@ -56,20 +56,16 @@ async fn caller_of(
     headers: &axum::http::HeaderMap,
     method: &Method,
 ) -> Result<Caller, ApiError> {
-    let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(unauthorized(
+    let values = headers.get_all(header::AUTHORIZATION).iter();
+    let key = single_authorization(values.map(HeaderValue::as_bytes)).map_err(|e| match e {
+        AuthorizationError::Missing => unauthorized(
             "Missing Authorization header; send `Authorization: Api-Key <management key>`",
-        ));
-    };
-    let key = value
-        .to_str()
-        .ok()
-        .and_then(parse_authorization)
-        .ok_or_else(|| {
-            unauthorized(
-                "Malformed Authorization header; send `Api-Key <management key>` or `Bearer <management key>`",
-            )
-        })?;
+        ),
+        AuthorizationError::Ambiguous => unauthorized("Send exactly one Authorization header."),
+        AuthorizationError::Malformed => unauthorized(
+            "Malformed Authorization header; send `Api-Key <management key>` or `Bearer <management key>`",
+        ),
+    })?;
     let invalid = || unauthorized("Invalid management key");
     let prefix = lookup_prefix(key).ok_or_else(invalid)?;
     let (stored, workspace) = state

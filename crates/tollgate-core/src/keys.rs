@@ -112,6 +112,31 @@ pub fn parse_authorization(value: &str) -> Option<&str> {
     (known && !key.is_empty() && !key.contains(' ')).then_some(key)
 }
 
+/// Why a request carries no usable key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorizationError {
+    /// No `Authorization` header.
+    Missing,
+    /// Two or more `Authorization` headers: which one counts would depend on who reads
+    /// them, so none does.
+    Ambiguous,
+    /// Not `Bearer <key>` / `Api-Key <key>`, or not text.
+    Malformed,
+}
+
+/// The key of the one `Authorization` header among `values` (every value of that header,
+/// as raw bytes).
+pub fn single_authorization<'a>(
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<&'a str, AuthorizationError> {
+    let value = values.next().ok_or(AuthorizationError::Missing)?;
+    if values.next().is_some() {
+        return Err(AuthorizationError::Ambiguous);
+    }
+    let text = std::str::from_utf8(value).map_err(|_| AuthorizationError::Malformed)?;
+    parse_authorization(text).ok_or(AuthorizationError::Malformed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +182,26 @@ mod tests {
         assert_eq!(
             validate_registered_key("acme live 9fK2mQ7xLp3Rt8Vw1Zy4Bn6Cd0Ej5Gh"),
             Err(RegisteredKeyError::Charset)
+        );
+    }
+
+    #[test]
+    fn exactly_one_authorization_header() {
+        let one: [&[u8]; 1] = [b"Bearer k"];
+        assert_eq!(single_authorization(one.into_iter()), Ok("k"));
+        assert_eq!(
+            single_authorization(std::iter::empty()),
+            Err(AuthorizationError::Missing)
+        );
+        let two: [&[u8]; 2] = [b"Bearer k", b"Bearer j"];
+        assert_eq!(
+            single_authorization(two.into_iter()),
+            Err(AuthorizationError::Ambiguous)
+        );
+        let bad: [&[u8]; 1] = [b"Bearer \xff"];
+        assert_eq!(
+            single_authorization(bad.into_iter()),
+            Err(AuthorizationError::Malformed)
         );
     }
 

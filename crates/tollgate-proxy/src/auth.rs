@@ -4,8 +4,8 @@
 //! Every failure after the header shape (unknown, revoked, deleted group, disabled
 //! workspace, wrong secret) is the same `InvalidKey`, so a caller learns nothing.
 
-use axum::http::{header, HeaderMap};
-use tollgate_core::keys::{key_matches, lookup_prefix, parse_authorization};
+use axum::http::{header, HeaderMap, HeaderValue};
+use tollgate_core::keys::{key_matches, lookup_prefix, single_authorization, AuthorizationError};
 use tollgate_core::Group;
 use tollgate_store::Store;
 
@@ -26,13 +26,12 @@ pub struct Caller {
 /// The presented key, or why the header cannot carry one. Two `Authorization` headers
 /// are refused: which one counts would depend on who reads them.
 pub fn presented_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
-    let mut values = headers.get_all(header::AUTHORIZATION).iter();
-    let value = values.next().ok_or(ProxyError::MissingKey)?;
-    if values.next().is_some() {
-        return Err(ProxyError::AmbiguousKey);
-    }
-    let text = value.to_str().map_err(|_| ProxyError::MalformedKey)?;
-    parse_authorization(text).ok_or(ProxyError::MalformedKey)
+    let values = headers.get_all(header::AUTHORIZATION).iter();
+    single_authorization(values.map(HeaderValue::as_bytes)).map_err(|e| match e {
+        AuthorizationError::Missing => ProxyError::MissingKey,
+        AuthorizationError::Ambiguous => ProxyError::AmbiguousKey,
+        AuthorizationError::Malformed => ProxyError::MalformedKey,
+    })
 }
 
 pub async fn authenticate(store: &dyn Store, headers: &HeaderMap) -> Result<Caller, ProxyError> {

@@ -103,6 +103,22 @@ async fn missing_malformed_and_unknown_keys_are_401() {
         "Malformed Authorization header; send `Api-Key <management key>` or `Bearer <management key>`",
     )
     .await;
+    // Two Authorization headers, even with a valid key first: which one counts would
+    // depend on who reads them, so neither does.
+    expect_error(
+        server
+            .http
+            .get(&url)
+            .header("Authorization", format!("Api-Key {}", server.admin_key))
+            .header("Authorization", "Api-Key tgm_someoneelse.xyz")
+            .send()
+            .await
+            .unwrap(),
+        401,
+        "unauthorized",
+        "Send exactly one Authorization header.",
+    )
+    .await;
     for key in [
         "short",
         "tgm_unknownprefix.abc",
