@@ -15,6 +15,8 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::fields::{check_text, MAX_TEXT_LEN};
 use crate::json::{patch_field, present, StrictJson};
+use tollgate_core::endpoint::UrlUse;
+
 use crate::network::check_public_url;
 use crate::pagination::{page_json, parse_list_query, NoQuery};
 use crate::params::Path;
@@ -80,11 +82,15 @@ async fn check_targets(state: &AdminState, caller: &Caller, targets: &[Target]) 
                 format!("must be at most {MAX_URL_LEN} bytes"),
             ));
         }
-        check_public_url(&target.base_url, state.allow_private_networks)
-            .await
-            .map_err(|refusal| {
-                ApiError::bad_request(refusal.code, format!("{field}: {}", refusal.reason))
-            })?;
+        check_public_url(
+            &target.base_url,
+            UrlUse::Upstream,
+            state.allow_private_networks,
+        )
+        .await
+        .map_err(|refusal| {
+            ApiError::bad_request(refusal.code, format!("{field}: {}", refusal.reason))
+        })?;
         check_text(
             &format!("targets[{i}].target_model"),
             &target.target_model,

@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tollgate_core::endpoint::{is_private_address, validate_http_url};
+use tollgate_core::endpoint::{is_private_address, validate_http_url, UrlUse};
 use url::Host;
 
 /// How long a write waits for DNS before refusing the URL.
@@ -31,8 +31,12 @@ fn refuse(code: &'static str, reason: impl Into<String>) -> UrlRefusal {
 
 /// Checks an upstream or webhook URL: its shape always, and — unless
 /// `allow_private_networks` — that its host resolves only to public addresses.
-pub async fn check_public_url(text: &str, allow_private_networks: bool) -> Result<(), UrlRefusal> {
-    let url = validate_http_url(text).map_err(|why| refuse("invalid_payload", why))?;
+pub async fn check_public_url(
+    text: &str,
+    usage: UrlUse,
+    allow_private_networks: bool,
+) -> Result<(), UrlRefusal> {
+    let url = validate_http_url(text, usage).map_err(|why| refuse("invalid_payload", why))?;
     if allow_private_networks {
         return Ok(());
     }
@@ -80,33 +84,36 @@ mod tests {
 
     #[tokio::test]
     async fn private_literals_are_refused_unless_allowed() {
-        let refusal = check_public_url("http://127.0.0.1:9000/v1", false)
+        let refusal = check_public_url("http://127.0.0.1:9000/v1", UrlUse::Upstream, false)
             .await
             .unwrap_err();
         assert_eq!(refusal.code, "private_network_url");
         assert!(refusal.reason.contains("(127.0.0.1)"), "{}", refusal.reason);
-        let refusal = check_public_url("http://[::1]/v1", false)
+        let refusal = check_public_url("http://[::1]/v1", UrlUse::Upstream, false)
             .await
             .unwrap_err();
         assert_eq!(refusal.code, "private_network_url");
-        let refusal = check_public_url("http://169.254.169.254/v1", false)
+        let refusal = check_public_url("http://169.254.169.254/v1", UrlUse::Upstream, false)
             .await
             .unwrap_err();
         assert_eq!(refusal.code, "private_network_url");
         assert_eq!(
-            check_public_url("http://127.0.0.1:9000/v1", true).await,
+            check_public_url("http://127.0.0.1:9000/v1", UrlUse::Upstream, true).await,
             Ok(())
         );
-        assert_eq!(check_public_url("https://8.8.8.8/v1", false).await, Ok(()));
+        assert_eq!(
+            check_public_url("https://8.8.8.8/v1", UrlUse::Upstream, false).await,
+            Ok(())
+        );
     }
 
     #[tokio::test]
     async fn names_resolving_to_loopback_and_unknown_names_are_refused() {
-        let refusal = check_public_url("http://localhost:9000/v1", false)
+        let refusal = check_public_url("http://localhost:9000/v1", UrlUse::Upstream, false)
             .await
             .unwrap_err();
         assert_eq!(refusal.code, "private_network_url");
-        let refusal = check_public_url("https://no-such-host.invalid/v1", false)
+        let refusal = check_public_url("https://no-such-host.invalid/v1", UrlUse::Upstream, false)
             .await
             .unwrap_err();
         assert_eq!(refusal.code, "unresolvable_host");
@@ -118,7 +125,7 @@ mod tests {
 
     #[tokio::test]
     async fn shapes_are_checked_even_when_private_networks_are_allowed() {
-        let refusal = check_public_url("ftp://127.0.0.1/v1", true)
+        let refusal = check_public_url("ftp://127.0.0.1/v1", UrlUse::Upstream, true)
             .await
             .unwrap_err();
         assert_eq!(

@@ -18,6 +18,8 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::fields::check_text;
 use crate::json::{parse_body, RawBody, StrictJson};
+use tollgate_core::endpoint::UrlUse;
+
 use crate::network::check_public_url;
 use crate::pagination::{page_json, parse_list_query, NoQuery};
 use crate::params::Path;
@@ -99,26 +101,11 @@ async fn check_url(state: &AdminState, text: &str) -> ApiResult<()> {
             "must not contain spaces or control characters",
         ));
     }
-    // The query is the receiver's business; the fragment is refused last (it is never
-    // sent, so a URL holding one is a mistake).
-    let (bare, has_fragment) = match url::Url::parse(text) {
-        Ok(mut url) => {
-            let has_fragment = url.fragment().is_some();
-            url.set_query(None);
-            url.set_fragment(None);
-            (url.to_string(), has_fragment)
-        }
-        // Unparsable: let the shared check word the refusal.
-        Err(_) => (text.to_owned(), false),
-    };
-    check_public_url(&bare, state.allow_private_networks)
+    check_public_url(text, UrlUse::Webhook, state.allow_private_networks)
         .await
         .map_err(|refusal| {
             ApiError::bad_request(refusal.code, format!("url: {}", refusal.reason))
         })?;
-    if has_fragment {
-        return Err(ApiError::invalid_field("url", "must not have a fragment"));
-    }
     Ok(())
 }
 

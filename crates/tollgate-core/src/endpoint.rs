@@ -59,9 +59,19 @@ pub fn is_private_address(ip: IpAddr) -> bool {
     }
 }
 
+/// What a URL is for: an upstream base URL is joined with `/chat/completions` and so on,
+/// so it takes no query; a webhook receiver's query is its own business (some receivers
+/// authenticate with one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlUse {
+    Upstream,
+    Webhook,
+}
+
 /// Checks the shape of an upstream or webhook URL: http or https, a host, no
-/// credentials, no query or fragment. Returns the reason when it is not acceptable.
-pub fn validate_http_url(text: &str) -> Result<url::Url, String> {
+/// credentials, no fragment (never sent, so holding one is a mistake), and for an upstream
+/// no query. Returns the reason when it is not acceptable.
+pub fn validate_http_url(text: &str, usage: UrlUse) -> Result<url::Url, String> {
     let url = url::Url::parse(text).map_err(|e| format!("not a valid URL ({e})"))?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err("must use http or https".into());
@@ -72,10 +82,13 @@ pub fn validate_http_url(text: &str) -> Result<url::Url, String> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err("must not carry credentials".into());
     }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err("must not have a query or fragment".into());
+    match usage {
+        UrlUse::Upstream if url.query().is_some() || url.fragment().is_some() => {
+            Err("must not have a query or fragment".into())
+        }
+        UrlUse::Webhook if url.fragment().is_some() => Err("must not have a fragment".into()),
+        _ => Ok(url),
     }
-    Ok(url)
 }
 
 #[cfg(test)]
@@ -106,13 +119,23 @@ mod tests {
 
     #[test]
     fn url_shapes() {
-        assert!(validate_http_url("https://api.example.com/v1").is_ok());
+        let upstream = |u| validate_http_url(u, UrlUse::Upstream);
+        let webhook = |u| validate_http_url(u, UrlUse::Webhook);
+        assert!(upstream("https://api.example.com/v1").is_ok());
         assert_eq!(
-            validate_http_url("ftp://x/v1").unwrap_err(),
+            upstream("ftp://x/v1").unwrap_err(),
             "must use http or https"
         );
-        assert!(validate_http_url("https://u:p@x/v1").is_err());
-        assert!(validate_http_url("https://x/v1?a=b").is_err());
-        assert!(validate_http_url("not a url").is_err());
+        assert!(upstream("https://u:p@x/v1").is_err());
+        assert!(upstream("not a url").is_err());
+        assert_eq!(
+            upstream("https://x/v1?a=b").unwrap_err(),
+            "must not have a query or fragment"
+        );
+        assert!(webhook("https://x/hook?code=abc").is_ok());
+        assert_eq!(
+            webhook("https://x/hook#part").unwrap_err(),
+            "must not have a fragment"
+        );
     }
 }
