@@ -1,17 +1,19 @@
 //! Persistence behind one [`Store`] trait.
 //!
-//! Every implementation (SQLite now, PostgreSQL later) passes the same conformance suite
+//! Every implementation (SQLite, PostgreSQL) passes the same conformance suite
 //! (`tests/conformance.rs`). Write paths that depend on the tree (group create / patch /
 //! delete) run the pure rules of `tollgate_core::hierarchy` inside one transaction, so two
 //! concurrent writes can never leave the tree in a state the rules forbid.
 
 mod model;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
 use tollgate_core::Timestamp;
 
 pub use model::*;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@
 //! server) waits on the busy timeout instead of failing half-way.
 //! Pinned by `concurrent_create_group_never_busy` in `tests/conformance.rs`.
 
-mod rows;
+pub(crate) mod rows;
 mod tree;
 mod webhooks;
 

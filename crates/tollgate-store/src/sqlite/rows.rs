@@ -1,6 +1,7 @@
 //! Row decoding: one function per table, each reading the columns its `*_COLUMNS` constant
 //! selects. A value the schema should have made impossible (unknown mode, bad JSON) is
-//! `StoreError::Corrupt`, never a panic.
+//! `StoreError::Corrupt`, never a panic. The column lists and the text codecs (JSON,
+//! enums, paging) are shared with the PostgreSQL store, which has the same columns.
 
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
@@ -12,31 +13,31 @@ use crate::{
     UsageStatus, Workspace,
 };
 
-pub(super) const WORKSPACE_COLUMNS: &str = "id, name, is_enabled, signing_key, created_at";
+pub(crate) const WORKSPACE_COLUMNS: &str = "id, name, is_enabled, signing_key, created_at";
 
-pub(super) const MANAGEMENT_KEY_COLUMNS: &str =
+pub(crate) const MANAGEMENT_KEY_COLUMNS: &str =
     "seq, workspace_id, prefix, hash, name, scope, created_at";
 
-pub(super) const SECRET_COLUMNS: &str = "seq, id, workspace_id, name, ciphertext, created_at";
+pub(crate) const SECRET_COLUMNS: &str = "seq, id, workspace_id, name, ciphertext, created_at";
 
-pub(super) const ENDPOINT_COLUMNS: &str =
+pub(crate) const ENDPOINT_COLUMNS: &str =
     "seq, id, workspace_id, slug, region, targets, created_at, updated_at";
 
-pub(super) const GROUP_COLUMNS: &str = "g.seq, g.id, g.workspace_id, g.name, \
+pub(crate) const GROUP_COLUMNS: &str = "g.seq, g.id, g.workspace_id, g.name, \
      g.external_entity_id, g.models, g.mode, g.parent_id, g.depth, g.created_at";
 
-pub(super) const API_KEY_COLUMNS: &str = "seq, group_id, prefix, hash, name, created_at";
+pub(crate) const API_KEY_COLUMNS: &str = "seq, group_id, prefix, hash, name, created_at";
 
-pub(super) const USAGE_EVENT_COLUMNS: &str = "seq, idempotency_key, timestamp, \
+pub(crate) const USAGE_EVENT_COLUMNS: &str = "seq, idempotency_key, timestamp, \
      request_id, request_metadata, model_slug, external_entity_id, api_key_prefix, \
      group_id, workspace_id, status, input_tokens, output_tokens, \
      cached_input_tokens, is_estimated";
 
 /// A decoded row with its `seq`, the keyset of paging.
-pub(super) type Sequenced<T> = (i64, T);
+pub(crate) type Sequenced<T> = (i64, T);
 
 /// Turns `limit + 1` fetched rows into a page: the extra row only says there is more.
-pub(super) fn into_page<T>(mut rows: Vec<Sequenced<T>>, limit: usize) -> Page<T> {
+pub(crate) fn into_page<T>(mut rows: Vec<Sequenced<T>>, limit: usize) -> Page<T> {
     let has_more = rows.len() > limit;
     rows.truncate(limit);
     let next_after = if has_more {
@@ -59,16 +60,16 @@ fn count(row: &SqliteRow, column: &str) -> StoreResult<u64> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} is {value}")))
 }
 
-pub(super) fn workspace(row: &SqliteRow) -> StoreResult<Workspace> {
+pub(crate) fn workspace(row: &SqliteRow) -> StoreResult<Workspace> {
     workspace_named(row, "")
 }
 
 /// A workspace selected next to another table's columns as `ws_id, ws_name, ...`.
-pub(super) const JOINED_WORKSPACE_COLUMNS: &str = "w.id AS ws_id, w.name AS ws_name, \
+pub(crate) const JOINED_WORKSPACE_COLUMNS: &str = "w.id AS ws_id, w.name AS ws_name, \
      w.is_enabled AS ws_is_enabled, w.signing_key AS ws_signing_key, \
      w.created_at AS ws_created_at";
 
-pub(super) fn joined_workspace(row: &SqliteRow) -> StoreResult<Workspace> {
+pub(crate) fn joined_workspace(row: &SqliteRow) -> StoreResult<Workspace> {
     workspace_named(row, "ws_")
 }
 
@@ -82,7 +83,7 @@ fn workspace_named(row: &SqliteRow, prefix: &str) -> StoreResult<Workspace> {
     })
 }
 
-pub(super) fn scope_from_str(text: &str) -> StoreResult<Scope> {
+pub(crate) fn scope_from_str(text: &str) -> StoreResult<Scope> {
     match text {
         "manage" => Ok(Scope::Manage),
         "view" => Ok(Scope::View),
@@ -90,7 +91,7 @@ pub(super) fn scope_from_str(text: &str) -> StoreResult<Scope> {
     }
 }
 
-pub(super) fn management_key(row: &SqliteRow) -> StoreResult<Sequenced<ManagementKey>> {
+pub(crate) fn management_key(row: &SqliteRow) -> StoreResult<Sequenced<ManagementKey>> {
     let scope: String = row.try_get("scope")?;
     Ok((
         row.try_get("seq")?,
@@ -105,7 +106,7 @@ pub(super) fn management_key(row: &SqliteRow) -> StoreResult<Sequenced<Managemen
     ))
 }
 
-pub(super) fn secret(row: &SqliteRow) -> StoreResult<Sequenced<Secret>> {
+pub(crate) fn secret(row: &SqliteRow) -> StoreResult<Sequenced<Secret>> {
     Ok((
         row.try_get("seq")?,
         Secret {
@@ -118,14 +119,14 @@ pub(super) fn secret(row: &SqliteRow) -> StoreResult<Sequenced<Secret>> {
     ))
 }
 
-pub(super) fn region_str(region: Region) -> &'static str {
+pub(crate) fn region_str(region: Region) -> &'static str {
     match region {
         Region::Unrestricted => "UNRESTRICTED",
         Region::Eu => "EU",
     }
 }
 
-fn region_from_str(text: &str) -> StoreResult<Region> {
+pub(crate) fn region_from_str(text: &str) -> StoreResult<Region> {
     match text {
         "UNRESTRICTED" => Ok(Region::Unrestricted),
         "EU" => Ok(Region::Eu),
@@ -133,11 +134,11 @@ fn region_from_str(text: &str) -> StoreResult<Region> {
     }
 }
 
-pub(super) fn targets_json(targets: &[Target]) -> StoreResult<String> {
+pub(crate) fn targets_json(targets: &[Target]) -> StoreResult<String> {
     serde_json::to_string(targets).map_err(|e| StoreError::Corrupt(format!("targets: {e}")))
 }
 
-pub(super) fn endpoint(row: &SqliteRow) -> StoreResult<Sequenced<Endpoint>> {
+pub(crate) fn endpoint(row: &SqliteRow) -> StoreResult<Sequenced<Endpoint>> {
     let region: String = row.try_get("region")?;
     let targets: String = row.try_get("targets")?;
     Ok((
@@ -155,11 +156,11 @@ pub(super) fn endpoint(row: &SqliteRow) -> StoreResult<Sequenced<Endpoint>> {
     ))
 }
 
-pub(super) fn models_json(models: &[ModelAccess]) -> StoreResult<String> {
+pub(crate) fn models_json(models: &[ModelAccess]) -> StoreResult<String> {
     serde_json::to_string(models).map_err(|e| StoreError::Corrupt(format!("models: {e}")))
 }
 
-pub(super) fn group(row: &SqliteRow) -> StoreResult<Sequenced<Group>> {
+pub(crate) fn group(row: &SqliteRow) -> StoreResult<Sequenced<Group>> {
     let models: String = row.try_get("models")?;
     let mode: String = row.try_get("mode")?;
     let depth: i64 = row.try_get("depth")?;
@@ -182,7 +183,7 @@ pub(super) fn group(row: &SqliteRow) -> StoreResult<Sequenced<Group>> {
     ))
 }
 
-pub(super) fn api_key(row: &SqliteRow) -> StoreResult<Sequenced<ApiKey>> {
+pub(crate) fn api_key(row: &SqliteRow) -> StoreResult<Sequenced<ApiKey>> {
     Ok((
         row.try_get("seq")?,
         ApiKey {
@@ -195,7 +196,7 @@ pub(super) fn api_key(row: &SqliteRow) -> StoreResult<Sequenced<ApiKey>> {
     ))
 }
 
-fn usage_status_from_str(text: &str) -> StoreResult<UsageStatus> {
+pub(crate) fn usage_status_from_str(text: &str) -> StoreResult<UsageStatus> {
     match text {
         "completed" => Ok(UsageStatus::Completed),
         "client_cancelled" => Ok(UsageStatus::ClientCancelled),
@@ -206,7 +207,7 @@ fn usage_status_from_str(text: &str) -> StoreResult<UsageStatus> {
     }
 }
 
-pub(super) fn usage_event(row: &SqliteRow) -> StoreResult<Sequenced<UsageEvent>> {
+pub(crate) fn usage_event(row: &SqliteRow) -> StoreResult<Sequenced<UsageEvent>> {
     let status: String = row.try_get("status")?;
     Ok((
         row.try_get("seq")?,
@@ -231,7 +232,7 @@ pub(super) fn usage_event(row: &SqliteRow) -> StoreResult<Sequenced<UsageEvent>>
 
 /// Token counts are `u64` in the model and `INTEGER` (i64) in SQLite; no real count
 /// comes near the boundary, so clamp rather than fail a billing write.
-pub(super) fn token_count(value: u64) -> i64 {
+pub(crate) fn token_count(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
