@@ -89,6 +89,7 @@ fn admit_and_settle(limiter: &InProcessLimiter, limits: &[EffectiveLimit]) {
     let decision = ready(limiter.admit(AdmitRequest {
         limits,
         slug: SLUG,
+        tree_root: &limits[limits.len() - 1].counter_group,
         mode: LimitMode::Cascading,
         estimated_tokens: 25,
     }));

@@ -20,10 +20,12 @@
 //! stored ([`DayBaseline`]), so a restart never resets a customer's day. The token
 //! overshoot this scheme allows is bounded in `docs/limits.md`.
 //!
-//! [`InProcessLimiter`] serves one instance.
+//! [`InProcessLimiter`] serves one instance; [`RedisLimiter`] shares the counters of many
+//! instances in one Redis, one atomic script per admission (`docs/limits.md`).
 
 mod baseline;
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 
@@ -31,6 +33,7 @@ use async_trait::async_trait;
 use tollgate_core::hierarchy::EffectiveLimit;
 use tollgate_core::LimitMode;
 
+pub use self::redis::RedisLimiter;
 pub use baseline::{DayBaseline, NoStoredUsage, StoreBaseline};
 pub use memory::InProcessLimiter;
 
@@ -40,6 +43,10 @@ pub struct AdmitRequest<'a> {
     /// Every limit gating the request (`limits_for_slug`), in resolution order.
     pub limits: &'a [EffectiveLimit],
     pub slug: &'a str,
+    /// Id of the root group of the caller's tree (the last group of its chain). Every
+    /// counter gating a request belongs to that tree, so the shared limiter uses it as
+    /// the Redis Cluster hash tag of all of them.
+    pub tree_root: &'a str,
     /// The tree's mode: in CASCADING a DAY counter pools the counter group's subtree.
     pub mode: LimitMode,
     /// Tokens reserved on every TOKEN counter until the request settles.
@@ -87,8 +94,22 @@ pub enum Decision {
 #[derive(Debug, Default)]
 #[must_use = "a reservation must be settled or refunded"]
 pub struct Reservation {
-    pub(crate) debits: Vec<Debit>,
+    pub(crate) debits: Debits,
     pub(crate) estimated_tokens: u64,
+}
+
+/// The debited slots, in the form of the limiter that admitted the request. A limiter
+/// given another implementation's reservation leaves it alone.
+#[derive(Debug)]
+pub(crate) enum Debits {
+    InProcess(Vec<Debit>),
+    Redis(self::redis::SharedDebits),
+}
+
+impl Default for Debits {
+    fn default() -> Self {
+        Self::InProcess(Vec::new())
+    }
 }
 
 impl Reservation {
@@ -137,6 +158,36 @@ pub enum LimiterError {
     /// The stored usage a DAY counter starts from could not be read.
     #[error("loading day usage: {0}")]
     Baseline(String),
+    /// The shared (Redis) counters could not be reached or answered unexpectedly.
+    #[error("shared limiter: {0}")]
+    Shared(String),
+}
+
+/// Per type, the limit with the least remaining (ties: the smallest threshold), given
+/// each limit's count (`used`) and when its window is back to the full threshold
+/// (`reset_at`, ms). Shared by both limiters so their headers agree.
+pub(crate) fn rate_headers(
+    limits: &[EffectiveLimit],
+    used: &[u64],
+    reset_at: impl Fn(usize) -> i64,
+    now: tollgate_core::Timestamp,
+) -> RateHeaders {
+    let tightest = |kind: tollgate_core::LimitType| {
+        let (i, limit) = limits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.kind == kind)
+            .min_by_key(|(i, l)| (l.threshold.saturating_sub(used[*i]), l.threshold))?;
+        Some(HeaderLimit {
+            limit: limit.threshold,
+            remaining: limit.threshold.saturating_sub(used[i]),
+            reset_ms: reset_at(i).saturating_sub(now.0).max(0),
+        })
+    };
+    RateHeaders {
+        requests: tightest(tollgate_core::LimitType::Request),
+        tokens: tightest(tollgate_core::LimitType::Token),
+    }
 }
 
 /// Enforces limits across every counter that gates a request. The in-process

@@ -27,8 +27,8 @@ use tollgate_core::{LimitType, LimitUnit, Timestamp};
 use tollgate_store::DayUsage;
 
 use crate::{
-    AdmitRequest, CounterKey, DayBaseline, Debit, Decision, HeaderLimit, Limiter, LimiterError,
-    RateHeaders, Refusal, Reservation,
+    rate_headers, AdmitRequest, CounterKey, DayBaseline, Debit, Debits, Decision, Limiter,
+    LimiterError, RateHeaders, Refusal, Reservation,
 };
 
 const KINDS: [LimitType; 2] = [LimitType::Request, LimitType::Token];
@@ -355,7 +355,7 @@ impl InProcessLimiter {
         }
         Decision::Admitted {
             reservation: Reservation {
-                debits,
+                debits: Debits::InProcess(debits),
                 estimated_tokens: request.estimated_tokens,
             },
             headers: headers(limits, &used, |i| locked.window(resolved, i), now),
@@ -370,30 +370,13 @@ fn debit_amount(limit: &EffectiveLimit, estimated_tokens: u64) -> u64 {
     }
 }
 
-/// Per type, the limit with the least remaining (ties: the smallest threshold).
 fn headers<'w>(
     limits: &[EffectiveLimit],
     used: &[u64],
     window: impl Fn(usize) -> &'w WindowCounter,
     now: Timestamp,
 ) -> RateHeaders {
-    let tightest = |kind: LimitType| {
-        let (i, limit) = limits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.kind == kind)
-            .min_by_key(|(i, l)| (l.threshold.saturating_sub(used[*i]), l.threshold))?;
-        let reset = window(i).reset_at(now);
-        Some(HeaderLimit {
-            limit: limit.threshold,
-            remaining: limit.threshold.saturating_sub(used[i]),
-            reset_ms: reset.0.saturating_sub(now.0).max(0),
-        })
-    };
-    RateHeaders {
-        requests: tightest(LimitType::Request),
-        tokens: tightest(LimitType::Token),
-    }
+    rate_headers(limits, used, |i| window(i).reset_at(now).0, now)
 }
 
 #[async_trait]
@@ -412,11 +395,15 @@ impl Limiter for InProcessLimiter {
     }
 
     async fn settle(&self, reservation: Reservation, actual_tokens: u64) {
-        adjust_all(&reservation.debits, |reserved| (reserved, actual_tokens));
+        if let Debits::InProcess(debits) = &reservation.debits {
+            adjust_all(debits, |reserved| (reserved, actual_tokens));
+        }
     }
 
     async fn refund(&self, reservation: Reservation) {
-        adjust_all(&reservation.debits, |reserved| (reserved, 0));
+        if let Debits::InProcess(debits) = &reservation.debits {
+            adjust_all(debits, |reserved| (reserved, 0));
+        }
     }
 }
 
@@ -520,6 +507,7 @@ mod tests {
         let request = AdmitRequest {
             limits: &limits,
             slug: "m",
+            tree_root: "a",
             mode: tollgate_core::LimitMode::Cascading,
             estimated_tokens: 0,
         };

@@ -95,18 +95,9 @@ impl<B: DayBaseline> DayBaseline for Counted<B> {
     }
 }
 
-fn limiter_over(
-    baseline: Arc<dyn DayBaseline>,
-    at: Timestamp,
-) -> (InProcessLimiter, Arc<ManualClock>) {
-    let clock = Arc::new(ManualClock::new(at));
-    (InProcessLimiter::new(clock.clone(), baseline), clock)
-}
-
 /// A restart (a new limiter over the same store) continues the day where it was; only
 /// today's events of this group on this slug count.
-#[tokio::test]
-async fn a_restart_continues_the_day_from_stored_usage() {
+async fn a_restart_continues_the_day_from_stored_usage(backend: Backend) {
     let tree = Tree::new().await;
     let a = tree
         .add(group(
@@ -129,13 +120,13 @@ async fn a_restart_continues_the_day_from_stored_usage() {
         .await;
 
     let baseline = Arc::new(StoreBaseline::new(tree.store.clone()));
-    let (limiter, _clock) = limiter_over(baseline, utc("2026-12-03T12:00:00Z"));
+    let (limiter, _clock) = backend.over(baseline, utc("2026-12-03T12:00:00Z")).await;
     let gating = limits(&[&a]);
     let r = admitted(admit(&limiter, &gating, Independent, 5).await).unwrap();
-    assert_eq!(usage(&limiter, "A", REQUEST, DAY), 4);
-    assert_eq!(usage(&limiter, "A", TOKEN, DAY), 95);
+    assert_eq!(usage(&limiter, "A", REQUEST, DAY).await, 4);
+    assert_eq!(usage(&limiter, "A", TOKEN, DAY).await, 95);
     limiter.settle(r, 9).await;
-    assert_eq!(usage(&limiter, "A", TOKEN, DAY), 99);
+    assert_eq!(usage(&limiter, "A", TOKEN, DAY).await, 99);
     let _ = admitted(admit(&limiter, &gating, Independent, 0).await).unwrap();
     let refusal = refused(admit(&limiter, &gating, Independent, 0).await);
     assert_eq!(refusal.limit.kind, REQUEST);
@@ -143,8 +134,7 @@ async fn a_restart_continues_the_day_from_stored_usage() {
 }
 
 /// CASCADING: an ancestor's DAY pool starts from its whole subtree's stored usage.
-#[tokio::test]
-async fn a_cascading_day_pool_starts_from_the_subtrees_usage() {
+async fn a_cascading_day_pool_starts_from_the_subtrees_usage(backend: Backend) {
     let tree = Tree::new().await;
     let o = tree
         .add(group("O", Cascading, None, &[(TOKEN, DAY, 100)]))
@@ -162,21 +152,20 @@ async fn a_cascading_day_pool_starts_from_the_subtrees_usage() {
     tree.event(&o.id, SLUG, Timestamp(DAY0 + 40), (1, 1)).await;
 
     let baseline = Arc::new(StoreBaseline::new(tree.store.clone()));
-    let (limiter, _clock) = limiter_over(baseline, utc("2026-12-03T12:00:00Z"));
+    let (limiter, _clock) = backend.over(baseline, utc("2026-12-03T12:00:00Z")).await;
     let gating = limits(&[&b, &a, &o]);
     let r = admitted(admit(&limiter, &gating, Cascading, 0).await).unwrap();
     // A's pool: B 30 + A 20; O's pool: B 30 + A 20 + C 10 + O 2.
-    assert_eq!(usage(&limiter, "A", TOKEN, DAY), 50);
-    assert_eq!(usage(&limiter, "O", TOKEN, DAY), 62);
+    assert_eq!(usage(&limiter, "A", TOKEN, DAY).await, 50);
+    assert_eq!(usage(&limiter, "O", TOKEN, DAY).await, 62);
     limiter.settle(r, 38).await;
     let refusal = refused(admit(&limiter, &gating, Cascading, 0).await);
     assert_eq!(refusal.limit.source_group, "O");
-    assert_eq!(usage(&limiter, "A", TOKEN, DAY), 88);
+    assert_eq!(usage(&limiter, "A", TOKEN, DAY).await, 88);
 }
 
 /// A day in memory is never reloaded; the next day is loaded once, on its first request.
-#[tokio::test]
-async fn the_baseline_is_loaded_once_per_group_and_day() {
+async fn the_baseline_is_loaded_once_per_group_and_day(backend: Backend) {
     let tree = Tree::new().await;
     let a = tree
         .add(group(
@@ -193,7 +182,9 @@ async fn the_baseline_is_loaded_once_per_group_and_day() {
         loads: AtomicUsize::new(0),
         delay: Duration::ZERO,
     });
-    let (limiter, clock) = limiter_over(counted.clone(), utc("2026-12-03T12:00:00Z"));
+    let (limiter, clock) = backend
+        .over(counted.clone(), utc("2026-12-03T12:00:00Z"))
+        .await;
     let gating = limits(&[&a]);
     for _ in 0..3 {
         let r = admitted(admit(&limiter, &gating, Independent, 0).await).unwrap();
@@ -203,22 +194,21 @@ async fn the_baseline_is_loaded_once_per_group_and_day() {
     }
     // One load serves both DAY counters of the group.
     assert_eq!(counted.loads.load(Ordering::SeqCst), 1);
-    assert_eq!(usage(&limiter, "A", REQUEST, DAY), 4);
-    assert_eq!(usage(&limiter, "A", TOKEN, DAY), 30);
+    assert_eq!(usage(&limiter, "A", REQUEST, DAY).await, 4);
+    assert_eq!(usage(&limiter, "A", TOKEN, DAY).await, 30);
 
     clock.set(utc("2026-12-04T00:00:05Z"));
     tree.event(&a.id, SLUG, utc("2026-12-04T00:00:01Z"), (1, 1))
         .await;
     let _ = admitted(admit(&limiter, &gating, Independent, 0).await).unwrap();
     assert_eq!(counted.loads.load(Ordering::SeqCst), 2);
-    assert_eq!(usage(&limiter, "A", REQUEST, DAY), 2);
-    assert_eq!(usage(&limiter, "A", TOKEN, DAY), 2);
+    assert_eq!(usage(&limiter, "A", REQUEST, DAY).await, 2);
+    assert_eq!(usage(&limiter, "A", TOKEN, DAY).await, 2);
 }
 
 /// C05 variant: a group created a moment before, REQUEST/DAY 1, 8 concurrent first
 /// requests (every one of them loading the baseline) → exactly 1 admitted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_first_requests_of_a_new_group_admit_exactly_one() {
+async fn concurrent_first_requests_of_a_new_group_admit_exactly_one(backend: Backend) {
     for round in 0..5 {
         let tree = Tree::new().await;
         let a = tree
@@ -229,7 +219,9 @@ async fn concurrent_first_requests_of_a_new_group_admit_exactly_one() {
             loads: AtomicUsize::new(0),
             delay: Duration::from_millis(20),
         });
-        let (limiter, _clock) = limiter_over(counted.clone(), utc("2026-12-03T12:00:00Z"));
+        let (limiter, _clock) = backend
+            .over(counted.clone(), utc("2026-12-03T12:00:00Z"))
+            .await;
         let limiter = Arc::new(limiter);
         let gating = Arc::new(limits(&[&a]));
         let barrier = Arc::new(tokio::sync::Barrier::new(8));
@@ -247,7 +239,7 @@ async fn concurrent_first_requests_of_a_new_group_admit_exactly_one() {
         }
         assert_eq!(admitted_count, 1, "round {round}");
         assert_eq!(counted.loads.load(Ordering::SeqCst), 8);
-        assert_eq!(usage(&limiter, "A", REQUEST, DAY), 1);
+        assert_eq!(usage(&limiter, "A", REQUEST, DAY).await, 1);
     }
 }
 
@@ -267,8 +259,7 @@ impl DayBaseline for Failing {
 }
 
 /// A baseline that cannot be read is an error, and the request debits nothing.
-#[tokio::test]
-async fn a_baseline_error_debits_nothing() {
+async fn a_baseline_error_debits_nothing(backend: Backend) {
     let a = group(
         "A",
         Independent,
@@ -276,21 +267,26 @@ async fn a_baseline_error_debits_nothing() {
         &[(REQUEST, MINUTE, 5), (TOKEN, DAY, 100)],
     );
     let gating = limits(&[&a]);
-    let (limiter, _clock) = limiter_over(Arc::new(Failing), utc("2026-12-03T12:00:00Z"));
+    let (limiter, _clock) = backend
+        .over(Arc::new(Failing), utc("2026-12-03T12:00:00Z"))
+        .await;
     let error = limiter
-        .admit(AdmitRequest {
-            limits: &gating,
-            slug: SLUG,
-            mode: Independent,
-            estimated_tokens: 10,
-        })
+        .admit(request(&limiter, &gating, SLUG, Independent, 10))
         .await
         .unwrap_err();
     assert!(matches!(error, LimiterError::Baseline(_)));
     assert_eq!(error.to_string(), "loading day usage: database is locked");
-    assert_eq!(usage(&limiter, "A", REQUEST, MINUTE), 0);
-    assert_eq!(limiter.current_usage(&key("A", TOKEN, DAY)), None);
+    assert_eq!(usage(&limiter, "A", REQUEST, MINUTE).await, 0);
+    assert_eq!(limiter.current_usage(&key("A", TOKEN, DAY)).await, None);
     // Rate limits alone never touch the store.
     let b = group("B", Independent, None, &[(REQUEST, MINUTE, 5)]);
     assert!(admitted(admit(&limiter, &limits(&[&b]), Independent, 0).await).is_some());
+}
+
+crate::conformance! {
+    #[tokio::test] a_restart_continues_the_day_from_stored_usage,
+    #[tokio::test] a_cascading_day_pool_starts_from_the_subtrees_usage,
+    #[tokio::test] the_baseline_is_loaded_once_per_group_and_day,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)] concurrent_first_requests_of_a_new_group_admit_exactly_one,
+    #[tokio::test] a_baseline_error_debits_nothing,
 }

@@ -2,14 +2,14 @@
 
 use tollgate_core::clock::{Clock, Timestamp};
 use tollgate_core::LimitMode::{Cascading, Independent};
-use tollgate_limits::{AdmitRequest, Decision, HeaderLimit, Limiter, RateHeaders};
+use tollgate_limits::{Decision, HeaderLimit, RateHeaders};
 
 use super::*;
 
 /// Admits a request of `tokens` estimated tokens and settles it at the same count.
 async fn call(
-    limiter: &InProcessLimiter,
-    limits: &[EffectiveLimit],
+    limiter: &Subject,
+    limits: &Gating,
     mode: LimitMode,
     tokens: u64,
 ) -> Result<(), Refusal> {
@@ -23,12 +23,11 @@ async fn call(
 }
 
 /// SPEC §1.3 worked example, CASCADING: O TOKEN/MINUTE 100, children F and E 70.
-#[tokio::test]
-async fn worked_example_cascading_siblings_share_the_parents_pool() {
+async fn worked_example_cascading_siblings_share_the_parents_pool(backend: Backend) {
     let o = group("O", Cascading, None, &[(TOKEN, MINUTE, 100)]);
     let f = group("F", Cascading, Some(&o), &[(TOKEN, MINUTE, 70)]);
     let e = group("E", Cascading, Some(&o), &[(TOKEN, MINUTE, 70)]);
-    let (limiter, clock) = limiter_at(Timestamp(DAY0 + 5_000));
+    let (limiter, clock) = backend.at(Timestamp(DAY0 + 5_000)).await;
     let f_limits = limits(&[&f, &o]);
     let e_limits = limits(&[&e, &o]);
 
@@ -38,8 +37,8 @@ async fn worked_example_cascading_siblings_share_the_parents_pool() {
     }
     let refusal = call(&limiter, &f_limits, Cascading, 10).await.unwrap_err();
     assert_eq!(refusal.limit.source_group, "F");
-    assert_eq!(usage(&limiter, "F", TOKEN, MINUTE), 70);
-    assert_eq!(usage(&limiter, "O", TOKEN, MINUTE), 70);
+    assert_eq!(usage(&limiter, "F", TOKEN, MINUTE).await, 70);
+    assert_eq!(usage(&limiter, "O", TOKEN, MINUTE).await, 70);
 
     let mut e_admitted = 0;
     let refusal = loop {
@@ -53,8 +52,8 @@ async fn worked_example_cascading_siblings_share_the_parents_pool() {
     assert_eq!(refusal.limit.source_group, "O");
     assert_eq!(refusal.limit.counter_group, "O");
     assert_eq!(refusal.limit.threshold, 100);
-    assert_eq!(usage(&limiter, "E", TOKEN, MINUTE), 30);
-    assert_eq!(usage(&limiter, "O", TOKEN, MINUTE), 100);
+    assert_eq!(usage(&limiter, "E", TOKEN, MINUTE).await, 30);
+    assert_eq!(usage(&limiter, "O", TOKEN, MINUTE).await, 100);
     // The refusal named O although E's own counter shows 30/70.
     assert_eq!(
         refusal.headers.tokens,
@@ -68,12 +67,11 @@ async fn worked_example_cascading_siblings_share_the_parents_pool() {
 }
 
 /// The same tree in INDEPENDENT mode: F and E get 70 each, O's keys 100 of their own.
-#[tokio::test]
-async fn worked_example_independent_counts_each_group_on_its_own() {
+async fn worked_example_independent_counts_each_group_on_its_own(backend: Backend) {
     let o = group("O", Independent, None, &[(TOKEN, MINUTE, 100)]);
     let f = group("F", Independent, Some(&o), &[(TOKEN, MINUTE, 70)]);
     let e = group("E", Independent, Some(&o), &[(TOKEN, MINUTE, 70)]);
-    let (limiter, _clock) = limiter_at(Timestamp(DAY0 + 5_000));
+    let (limiter, _clock) = backend.at(Timestamp(DAY0 + 5_000)).await;
     for (chain, expected) in [(vec![&f, &o], 7), (vec![&e, &o], 7), (vec![&o], 10)] {
         let gating = limits(&chain);
         let mut admitted = 0;
@@ -86,14 +84,13 @@ async fn worked_example_independent_counts_each_group_on_its_own() {
         assert_eq!(admitted, expected, "{}", chain[0].id);
         assert_eq!(refusal.limit.counter_group, chain[0].id);
     }
-    assert_eq!(usage(&limiter, "F", TOKEN, MINUTE), 70);
-    assert_eq!(usage(&limiter, "E", TOKEN, MINUTE), 70);
-    assert_eq!(usage(&limiter, "O", TOKEN, MINUTE), 100);
+    assert_eq!(usage(&limiter, "F", TOKEN, MINUTE).await, 70);
+    assert_eq!(usage(&limiter, "E", TOKEN, MINUTE).await, 70);
+    assert_eq!(usage(&limiter, "O", TOKEN, MINUTE).await, 100);
 }
 
 /// C07: O TOKEN/DAY 100 › A › B › C › D, 30-token calls, from D, from A and from O.
-#[tokio::test]
-async fn c07_an_ancestors_day_limit_holds_at_every_depth() {
+async fn c07_an_ancestors_day_limit_holds_at_every_depth(backend: Backend) {
     let o = group("O", Cascading, None, &[(TOKEN, DAY, 100)]);
     let a = group("A", Cascading, Some(&o), &[]);
     let b = group("B", Cascading, Some(&a), &[]);
@@ -101,11 +98,11 @@ async fn c07_an_ancestors_day_limit_holds_at_every_depth() {
     let d = group("D", Cascading, Some(&c), &[]);
     assert_eq!(d.depth, 5);
     for chain in [vec![&d, &c, &b, &a, &o], vec![&a, &o], vec![&o]] {
-        let (limiter, _clock) = limiter_at(utc("2026-12-03T12:00:00Z"));
+        let (limiter, _clock) = backend.at(utc("2026-12-03T12:00:00Z")).await;
         let gating = limits(&chain);
         let mut before = Vec::new();
         let refusal = loop {
-            before.push(usage(&limiter, "O", TOKEN, DAY));
+            before.push(usage(&limiter, "O", TOKEN, DAY).await);
             // Estimated at 8 (prompt bytes / 4), settled at usage(10, 20).
             match admit(&limiter, &gating, Cascading, 8).await {
                 Decision::Admitted { reservation, .. } => limiter.settle(reservation, 30).await,
@@ -115,7 +112,7 @@ async fn c07_an_ancestors_day_limit_holds_at_every_depth() {
         assert_eq!(before, [0, 30, 60, 90, 120], "from {}", chain[0].id);
         assert_eq!(refusal.limit.source_group, "O");
         assert_eq!(refusal.limit.counter_group, "O");
-        assert_eq!(usage(&limiter, "O", TOKEN, DAY), 120);
+        assert_eq!(usage(&limiter, "O", TOKEN, DAY).await, 120);
         // 12:00 UTC → next midnight.
         assert_eq!(refusal.retry_after_secs, 12 * 3_600);
     }
@@ -123,9 +120,8 @@ async fn c07_an_ancestors_day_limit_holds_at_every_depth() {
 
 /// C09: a threshold of 0 blocks from the first request, with a sane Retry-After and
 /// headers; no limit at all is unlimited.
-#[tokio::test]
-async fn c09_threshold_zero_blocks_and_no_limit_is_unlimited() {
-    let (limiter, _clock) = limiter_at(utc("2026-12-03T22:00:00Z"));
+async fn c09_threshold_zero_blocks_and_no_limit_is_unlimited(backend: Backend) {
+    let (limiter, _clock) = backend.at(utc("2026-12-03T22:00:00Z")).await;
     let zero = group("Z", Independent, None, &[(REQUEST, MINUTE, 0)]);
     let refusal = refused(admit(&limiter, &limits(&[&zero]), Independent, 5).await);
     assert_eq!(refusal.retry_after_secs, 60);
@@ -140,7 +136,7 @@ async fn c09_threshold_zero_blocks_and_no_limit_is_unlimited() {
             tokens: None,
         }
     );
-    assert_eq!(usage(&limiter, "Z", REQUEST, MINUTE), 0);
+    assert_eq!(usage(&limiter, "Z", REQUEST, MINUTE).await, 0);
 
     let zero_day = group("ZD", Independent, None, &[(TOKEN, DAY, 0)]);
     let refusal = refused(admit(&limiter, &limits(&[&zero_day]), Independent, 0).await);
@@ -169,11 +165,10 @@ async fn c09_threshold_zero_blocks_and_no_limit_is_unlimited() {
 }
 
 /// C10: REQUEST/MINUTE 60, one request every 500 ms for 60 s, starting 30 s into a minute.
-#[tokio::test]
-async fn c10_rolling_minute_through_the_limiter() {
+async fn c10_rolling_minute_through_the_limiter(backend: Backend) {
     let o = group("O", Independent, None, &[(REQUEST, MINUTE, 60)]);
     let gating = limits(&[&o]);
-    let (limiter, clock) = limiter_at(Timestamp(DAY0 + 30_000));
+    let (limiter, clock) = backend.at(Timestamp(DAY0 + 30_000)).await;
     let mut log = Vec::new();
     for i in 0..120 {
         clock.set(Timestamp(DAY0 + 30_000 + i * 500));
@@ -194,33 +189,31 @@ async fn c10_rolling_minute_through_the_limiter() {
 
 /// C11: TOKEN/DAY 100 and 30-token calls at 23:50 UTC; the next day starts at the first
 /// call after midnight. The server's time zone plays no part: time is UTC milliseconds.
-#[tokio::test]
-async fn c11_the_day_is_a_utc_day() {
+async fn c11_the_day_is_a_utc_day(backend: Backend) {
     let a = group("A", Independent, None, &[(TOKEN, DAY, 100)]);
     let gating = limits(&[&a]);
-    let (limiter, clock) = limiter_at(utc("2026-12-03T23:50:00Z"));
+    let (limiter, clock) = backend.at(utc("2026-12-03T23:50:00Z")).await;
     for _ in 0..4 {
         let reservation = admitted(admit(&limiter, &gating, Independent, 8).await).unwrap();
         limiter.settle(reservation, 30).await;
     }
     let refusal = refused(admit(&limiter, &gating, Independent, 8).await);
     assert_eq!(refusal.retry_after_secs, 600);
-    assert_eq!(usage(&limiter, "A", TOKEN, DAY), 120);
+    assert_eq!(usage(&limiter, "A", TOKEN, DAY).await, 120);
 
     clock.set(utc("2026-12-04T00:00:05Z"));
-    assert_eq!(limiter.current_usage(&key("A", TOKEN, DAY)), None);
+    assert_eq!(limiter.current_usage(&key("A", TOKEN, DAY)).await, None);
     let reservation = admitted(admit(&limiter, &gating, Independent, 8).await).unwrap();
     limiter.settle(reservation, 30).await;
-    assert_eq!(usage(&limiter, "A", TOKEN, DAY), 30);
+    assert_eq!(usage(&limiter, "A", TOKEN, DAY).await, 30);
 }
 
 /// C13: REQUEST/MINUTE 2: the third request gets a Retry-After in 1..=60 and a retry
 /// after exactly that long is admitted; a DAY limit hit at 22:00 UTC says 7200.
-#[tokio::test]
-async fn c13_retry_after_is_whole_seconds_and_enough() {
+async fn c13_retry_after_is_whole_seconds_and_enough(backend: Backend) {
     let o = group("O", Independent, None, &[(REQUEST, MINUTE, 2)]);
     let gating = limits(&[&o]);
-    let (limiter, clock) = limiter_at(utc("2026-12-03T17:53:24.123Z"));
+    let (limiter, clock) = backend.at(utc("2026-12-03T17:53:24.123Z")).await;
     for _ in 0..2 {
         let _ = admitted(admit(&limiter, &gating, Independent, 0).await).unwrap();
         clock.advance_millis(100);
@@ -239,7 +232,7 @@ async fn c13_retry_after_is_whole_seconds_and_enough() {
 
     let day = group("D", Independent, None, &[(REQUEST, DAY, 1)]);
     let gating = limits(&[&day]);
-    let (limiter, _clock) = limiter_at(utc("2026-12-03T22:00:00Z"));
+    let (limiter, _clock) = backend.at(utc("2026-12-03T22:00:00Z")).await;
     let _ = admitted(admit(&limiter, &gating, Independent, 0).await).unwrap();
     assert_eq!(
         refused(admit(&limiter, &gating, Independent, 0).await).retry_after_secs,
@@ -248,8 +241,7 @@ async fn c13_retry_after_is_whole_seconds_and_enough() {
 }
 
 /// C14: REQUEST/SECOND 1 + REQUEST/MINUTE 3; a refusal by one counter debits no other.
-#[tokio::test]
-async fn c14_a_refused_request_consumes_nothing() {
+async fn c14_a_refused_request_consumes_nothing(backend: Backend) {
     let o = group(
         "O",
         Independent,
@@ -257,7 +249,7 @@ async fn c14_a_refused_request_consumes_nothing() {
         &[(REQUEST, SECOND, 1), (REQUEST, MINUTE, 3)],
     );
     let gating = limits(&[&o]);
-    let (limiter, clock) = limiter_at(Timestamp(DAY0));
+    let (limiter, clock) = backend.at(Timestamp(DAY0)).await;
     let mut outcomes = Vec::new();
     for at in [0, 100, 1_200, 2_400] {
         clock.set(Timestamp(DAY0 + at));
@@ -271,12 +263,11 @@ async fn c14_a_refused_request_consumes_nothing() {
         }
     }
     assert_eq!(outcomes, ["200", "429", "200", "200"]);
-    assert_eq!(usage(&limiter, "O", REQUEST, MINUTE), 3);
+    assert_eq!(usage(&limiter, "O", REQUEST, MINUTE).await, 3);
 }
 
 /// C14 across a CASCADING chain: the parent's pool refuses, the child's counters stay.
-#[tokio::test]
-async fn c14_a_parent_refusal_leaves_the_childs_counters_untouched() {
+async fn c14_a_parent_refusal_leaves_the_childs_counters_untouched(backend: Backend) {
     let o = group(
         "O",
         Cascading,
@@ -290,7 +281,7 @@ async fn c14_a_parent_refusal_leaves_the_childs_counters_untouched() {
         &[(REQUEST, MINUTE, 2), (TOKEN, MINUTE, 500)],
     );
     let b = group("B", Cascading, Some(&o), &[(REQUEST, MINUTE, 2)]);
-    let (limiter, _clock) = limiter_at(utc("2026-12-03T12:00:00Z"));
+    let (limiter, _clock) = backend.at(utc("2026-12-03T12:00:00Z")).await;
     for _ in 0..2 {
         let r = admitted(admit(&limiter, &limits(&[&b, &o]), Cascading, 40).await).unwrap();
         limiter.settle(r, 40).await;
@@ -298,16 +289,15 @@ async fn c14_a_parent_refusal_leaves_the_childs_counters_untouched() {
     let refusal = refused(admit(&limiter, &limits(&[&a, &o]), Cascading, 40).await);
     assert_eq!(refusal.limit.source_group, "O");
     assert_eq!(refusal.limit.kind, REQUEST);
-    assert_eq!(limiter.current_usage(&key("A", REQUEST, MINUTE)), Some(0));
-    assert_eq!(limiter.current_usage(&key("A", TOKEN, MINUTE)), Some(0));
-    assert_eq!(usage(&limiter, "O", REQUEST, MINUTE), 2);
-    assert_eq!(usage(&limiter, "O", TOKEN, DAY), 80);
+    assert_eq!(usage(&limiter, "A", REQUEST, MINUTE).await, 0);
+    assert_eq!(usage(&limiter, "A", TOKEN, MINUTE).await, 0);
+    assert_eq!(usage(&limiter, "O", REQUEST, MINUTE).await, 2);
+    assert_eq!(usage(&limiter, "O", TOKEN, DAY).await, 80);
 }
 
 /// The refusal names the first exhausted limit in resolution order; Retry-After waits for
 /// every exhausted one.
-#[tokio::test]
-async fn refusal_names_the_first_exhausted_and_waits_for_all() {
+async fn refusal_names_the_first_exhausted_and_waits_for_all(backend: Backend) {
     let o = group(
         "O",
         Cascading,
@@ -315,7 +305,7 @@ async fn refusal_names_the_first_exhausted_and_waits_for_all() {
         &[(REQUEST, MINUTE, 1), (REQUEST, DAY, 1)],
     );
     let a = group("A", Cascading, Some(&o), &[(REQUEST, SECOND, 1)]);
-    let (limiter, clock) = limiter_at(utc("2026-12-03T23:00:00Z"));
+    let (limiter, clock) = backend.at(utc("2026-12-03T23:00:00Z")).await;
     let gating = limits(&[&a, &o]);
     assert_eq!(gating[0].source_group, "A");
     let _ = admitted(admit(&limiter, &gating, Cascading, 0).await).unwrap();
@@ -333,8 +323,7 @@ async fn refusal_names_the_first_exhausted_and_waits_for_all() {
 
 /// Headers: per type the limit with the least remaining after this request (ties: the
 /// smaller threshold), never negative.
-#[tokio::test]
-async fn headers_describe_the_tightest_limit_of_each_type() {
+async fn headers_describe_the_tightest_limit_of_each_type(backend: Backend) {
     let o = group(
         "O",
         Cascading,
@@ -355,7 +344,7 @@ async fn headers_describe_the_tightest_limit_of_each_type() {
             (TOKEN, MINUTE, 500),
         ],
     );
-    let (limiter, clock) = limiter_at(utc("2026-12-03T23:59:00Z"));
+    let (limiter, clock) = backend.at(utc("2026-12-03T23:59:00Z")).await;
     let gating = limits(&[&a, &o]);
     let Decision::Admitted {
         reservation,
@@ -407,11 +396,10 @@ async fn headers_describe_the_tightest_limit_of_each_type() {
 }
 
 /// Equal remaining: the smaller threshold is the tighter limit, whatever the order.
-#[tokio::test]
-async fn headers_break_ties_on_the_smaller_threshold() {
+async fn headers_break_ties_on_the_smaller_threshold(backend: Backend) {
     let o = group("O", Cascading, None, &[(REQUEST, MINUTE, 10)]);
     let a = group("A", Cascading, Some(&o), &[(REQUEST, DAY, 12)]);
-    let (limiter, clock) = limiter_at(utc("2026-12-03T12:00:00Z"));
+    let (limiter, clock) = backend.at(utc("2026-12-03T12:00:00Z")).await;
     let gating = limits(&[&a, &o]);
     assert_eq!(gating[0].threshold, 12);
     for _ in 0..2 {
@@ -432,18 +420,28 @@ async fn headers_break_ties_on_the_smaller_threshold() {
     );
 }
 
-#[tokio::test]
-async fn limits_are_per_slug() {
+async fn limits_are_per_slug(backend: Backend) {
     let o = group("O", Independent, None, &[(REQUEST, MINUTE, 1)]);
     let gating = limits(&[&o]);
-    let (limiter, _clock) = limiter_at(Timestamp(DAY0));
-    let other = AdmitRequest {
-        limits: &gating,
-        slug: "acme/other",
-        mode: Independent,
-        estimated_tokens: 0,
-    };
+    let (limiter, _clock) = backend.at(Timestamp(DAY0)).await;
     let _ = admitted(admit(&limiter, &gating, Independent, 0).await).unwrap();
     assert!(admitted(admit(&limiter, &gating, Independent, 0).await).is_none());
+    let other = request(&limiter, &gating, "acme/other", Independent, 0);
     assert!(admitted(limiter.admit(other).await.unwrap()).is_some());
+}
+
+crate::conformance! {
+    #[tokio::test] worked_example_cascading_siblings_share_the_parents_pool,
+    #[tokio::test] worked_example_independent_counts_each_group_on_its_own,
+    #[tokio::test] c07_an_ancestors_day_limit_holds_at_every_depth,
+    #[tokio::test] c09_threshold_zero_blocks_and_no_limit_is_unlimited,
+    #[tokio::test] c10_rolling_minute_through_the_limiter,
+    #[tokio::test] c11_the_day_is_a_utc_day,
+    #[tokio::test] c13_retry_after_is_whole_seconds_and_enough,
+    #[tokio::test] c14_a_refused_request_consumes_nothing,
+    #[tokio::test] c14_a_parent_refusal_leaves_the_childs_counters_untouched,
+    #[tokio::test] refusal_names_the_first_exhausted_and_waits_for_all,
+    #[tokio::test] headers_describe_the_tightest_limit_of_each_type,
+    #[tokio::test] headers_break_ties_on_the_smaller_threshold,
+    #[tokio::test] limits_are_per_slug,
 }
