@@ -133,6 +133,13 @@ pub fn single_authorization<'a>(
     if values.next().is_some() {
         return Err(AuthorizationError::Ambiguous);
     }
+    // Visible ASCII only (what HTTP's `to_str` accepts): a key never holds anything else.
+    if !value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        return Err(AuthorizationError::Malformed);
+    }
     let text = std::str::from_utf8(value).map_err(|_| AuthorizationError::Malformed)?;
     parse_authorization(text).ok_or(AuthorizationError::Malformed)
 }
@@ -198,11 +205,12 @@ mod tests {
             single_authorization(two.into_iter()),
             Err(AuthorizationError::Ambiguous)
         );
-        let bad: [&[u8]; 1] = [b"Bearer \xff"];
-        assert_eq!(
-            single_authorization(bad.into_iter()),
-            Err(AuthorizationError::Malformed)
-        );
+        for bad in [&b"Bearer \xff"[..], "Bearer tg_\u{e9}x".as_bytes()] {
+            assert_eq!(
+                single_authorization([bad].into_iter()),
+                Err(AuthorizationError::Malformed)
+            );
+        }
     }
 
     #[test]
