@@ -55,10 +55,15 @@ pub struct ServeArgs {
     /// Redis URL for shared rate counters (unset: in-process limiter).
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
     pub redis: Option<String>,
+    /// Prefix of every Redis key [default: tg]; distinct deployments sharing one Redis
+    /// need distinct prefixes.
+    #[arg(long = "redis-key-prefix", env = "TOLLGATE_REDIS_KEY_PREFIX")]
+    pub redis_key_prefix: Option<String>,
     /// A `manage` key of workspace `default`, at least 32 characters, valid on every start.
     #[arg(long = "admin-key", env = "TOLLGATE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
-    /// Base64 of 32 bytes that seal stored secrets (generated next to the SQLite file when unset).
+    /// Base64 of 32 bytes that seal stored secrets (generated next to the SQLite file when
+    /// unset; required with PostgreSQL, the same on every instance).
     #[arg(
         long = "master-key",
         env = "TOLLGATE_MASTER_KEY",

@@ -31,8 +31,13 @@ pub enum LogFormat {
 pub struct Config {
     pub listen: SocketAddr,
     pub database_url: String,
+    /// Shared rate counters (`redis://...`); `None` = the in-process limiter.
+    pub redis_url: Option<String>,
+    /// Redis keys start with this instead of `tg` (several deployments on one Redis).
+    pub redis_key_prefix: Option<String>,
     pub admin_key: Option<String>,
-    /// 32 bytes; `None` = read or generate the key file next to the SQLite database.
+    /// 32 bytes; `None` = read or generate the key file next to the SQLite database
+    /// (required with PostgreSQL).
     pub master_key: Option<[u8; 32]>,
     pub allow_private_networks: bool,
     pub max_body_bytes: usize,
@@ -67,6 +72,8 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("database_url", &self.database_url)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("redis_key_prefix", &self.redis_key_prefix)
             .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
             .field("master_key", &self.master_key.as_ref().map(|_| "<set>"))
             .field("allow_private_networks", &self.allow_private_networks)
@@ -100,11 +107,15 @@ impl Config {
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen = parse_listen(&listen_text)?;
-        if let Some(redis) = args.redis.or(file.redis_url) {
-            bail!(
-                "redis: shared Redis rate counters are not available in this version; \
-                 remove '{redis}' to use the in-process limiter"
-            );
+        let redis_url = args.redis.or(file.redis_url);
+        if let Some(url) = &redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                bail!("redis: the URL must start with redis:// or rediss://");
+            }
+        }
+        let redis_key_prefix = args.redis_key_prefix;
+        if redis_key_prefix.as_deref() == Some("") {
+            bail!("redis key prefix must not be empty");
         }
         let admin_key = args.admin_key.or(file.admin_key);
         if let Some(key) = &admin_key {
@@ -149,6 +160,8 @@ impl Config {
         Ok(Self {
             listen,
             database_url,
+            redis_url,
+            redis_key_prefix,
             admin_key,
             master_key,
             allow_private_networks: args
@@ -186,9 +199,14 @@ fn webhook_config(
     Ok(webhooks)
 }
 
-/// Refuses a database URL this build cannot open, before anything is created: a
-/// PostgreSQL URL, or any other `scheme://` but SQLite's, which the store would take for
-/// a relative file path (`mysql://db/x` → `mysql:/db/x`). A plain path is a SQLite file.
+/// Whether `url` names a PostgreSQL database (`postgres://` or `postgresql://`).
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// Refuses a database URL this build cannot open, before anything is created: any
+/// `scheme://` but SQLite's and PostgreSQL's, which the SQLite store would take for a
+/// relative file path (`mysql://db/x` → `mysql:/db/x`). A plain path is a SQLite file.
 /// The URL itself is never echoed: it may hold a password.
 pub fn check_database_url(url: &str) -> anyhow::Result<()> {
     let Some((scheme, _)) = url.split_once("://") else {
@@ -200,10 +218,7 @@ pub fn check_database_url(url: &str) -> anyhow::Result<()> {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
     match scheme {
         _ if !is_scheme => Ok(()),
-        "sqlite" => Ok(()),
-        "postgres" | "postgresql" => {
-            bail!("database: PostgreSQL is not available in this version; use a sqlite:// URL")
-        }
+        "sqlite" | "postgres" | "postgresql" => Ok(()),
         other => bail!("database: unsupported URL scheme '{other}://'; use sqlite://PATH"),
     }
 }
@@ -277,18 +292,20 @@ mod tests {
             "t.db",
             "postgres.db",
             "./odd://name.db",
+            "postgres://u:pw@db/x",
+            "postgresql://db/x?options=-csearch_path%3Dt",
         ] {
             assert!(check_database_url(ok).is_ok(), "{ok}");
         }
+        for (url, postgres) in [
+            ("postgres://db/x", true),
+            ("postgresql://db/x", true),
+            ("sqlite://t.db", false),
+            ("postgres.db", false),
+        ] {
+            assert_eq!(is_postgres_url(url), postgres, "{url}");
+        }
         for (url, message) in [
-            (
-                "postgres://u:pw@db/x",
-                "database: PostgreSQL is not available in this version; use a sqlite:// URL",
-            ),
-            (
-                "postgresql://db/x",
-                "database: PostgreSQL is not available in this version; use a sqlite:// URL",
-            ),
             (
                 "mysql://db/x",
                 "database: unsupported URL scheme 'mysql://'; use sqlite://PATH",
@@ -300,6 +317,44 @@ mod tests {
         ] {
             let e = check_database_url(url).unwrap_err();
             assert_eq!(e.to_string(), message, "{url}");
+        }
+    }
+
+    #[test]
+    fn redis_settings_are_taken_and_checked() {
+        let args = ServeArgs {
+            redis: Some("redis://127.0.0.1:6379/2".into()),
+            redis_key_prefix: Some("tg-a".into()),
+            ..ServeArgs::default()
+        };
+        let config = Config::resolve(args, FileConfig::default()).unwrap();
+        assert_eq!(
+            config.redis_url.as_deref(),
+            Some("redis://127.0.0.1:6379/2")
+        );
+        assert_eq!(config.redis_key_prefix.as_deref(), Some("tg-a"));
+        let file: FileConfig = toml::from_str("redis_url = \"rediss://cache:6380\"\n").unwrap();
+        let config = Config::resolve(ServeArgs::default(), file).unwrap();
+        assert_eq!(config.redis_url.as_deref(), Some("rediss://cache:6380"));
+        assert_eq!(Config::defaults().unwrap().redis_url, None);
+        for (args, message) in [
+            (
+                ServeArgs {
+                    redis: Some("127.0.0.1:6379".into()),
+                    ..ServeArgs::default()
+                },
+                "redis: the URL must start with redis:// or rediss://",
+            ),
+            (
+                ServeArgs {
+                    redis_key_prefix: Some(String::new()),
+                    ..ServeArgs::default()
+                },
+                "redis key prefix must not be empty",
+            ),
+        ] {
+            let e = Config::resolve(args, FileConfig::default()).unwrap_err();
+            assert_eq!(e.to_string(), message);
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod bootstrap;
 pub mod cli;
 pub mod config;
+pub mod database;
 pub mod demo;
 pub mod server;
 

@@ -4,12 +4,11 @@ use std::io::IsTerminal as _;
 
 use anyhow::Context;
 use clap::Parser;
-use std::sync::Arc;
 use tollgate::cli::{Cli, Command, WorkspaceAction};
-use tollgate::config::{check_database_url, Config, LogFormat, DEFAULT_DATABASE};
+use tollgate::config::{Config, LogFormat, DEFAULT_DATABASE};
+use tollgate::database::Database;
 use tollgate::{bootstrap, server};
 use tollgate_core::SystemClock;
-use tollgate_store::SqliteStore;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -25,12 +24,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Workspace { action, database } => {
             init_logging(LogFormat::Text);
             let url = database.unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
-            check_database_url(&url)?;
-            let store = Arc::new(
-                SqliteStore::open(&url)
-                    .await
-                    .with_context(|| format!("opening database {url}"))?,
-            );
+            let database = Database::open(&url).await?;
+            let store = database.store();
             let clock = SystemClock;
             let result = match action {
                 WorkspaceAction::Create { name } => {
@@ -50,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
                     Ok(())
                 }
             };
-            store.close().await;
+            database.close().await;
             result
         }
     }

@@ -22,16 +22,18 @@ use tollgate_core::ids::{new_id, IdKind, RequestId};
 use tollgate_core::secretbox::SecretBox;
 use tollgate_core::{Clock, SystemClock};
 use tollgate_proxy::outbox::{Outbox, OutboxWriter};
-use tollgate_store::{SqliteStore, Store};
+use tollgate_store::Store;
 
 use crate::bootstrap;
 use crate::config::Config;
+use crate::database::Database;
 
 /// A server that is accepting connections.
 pub struct RunningServer {
     addr: SocketAddr,
     store: Arc<dyn Store>,
-    sqlite: Arc<SqliteStore>,
+    /// Closed last, after the outbox and the webhook worker.
+    database: Database,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
     /// Stopped after the last request, before the store closes.
@@ -89,7 +91,7 @@ impl RunningServer {
         );
         // Deliveries are durable: one abandoned now is sent, same id and bytes, on restart.
         self.webhooks.shutdown().await;
-        self.sqlite.close().await;
+        self.database.close().await;
         served?
     }
 }
@@ -105,12 +107,15 @@ pub async fn start_with_clock(
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<RunningServer> {
     crate::config::check_database_url(&config.database_url)?;
-    let sqlite = Arc::new(
-        SqliteStore::open(&config.database_url)
-            .await
-            .with_context(|| format!("opening database {}", config.database_url))?,
-    );
-    let store: Arc<dyn Store> = sqlite.clone();
+    let postgres = crate::config::is_postgres_url(&config.database_url);
+    if postgres && config.master_key.is_none() {
+        anyhow::bail!(
+            "TOLLGATE_MASTER_KEY is required with PostgreSQL: set it (base64 of 32 bytes), \
+             the same on every instance"
+        );
+    }
+    let database = Database::open(&config.database_url).await?;
+    let store = database.store();
     let master_key = match config.master_key {
         Some(key) => key,
         None => load_or_create_master_key(&config.database_url).await?,
@@ -130,10 +135,23 @@ pub async fn start_with_clock(
     let http = tollgate_proxy::http_client().context("building the upstream HTTP client")?;
     // DAY counters start each day from the usage already stored, so a restart never
     // resets a customer's day.
-    let limiter = Arc::new(tollgate_limits::InProcessLimiter::new(
-        clock.clone(),
-        Arc::new(tollgate_limits::StoreBaseline::new(store.clone())),
-    ));
+    let baseline = Arc::new(tollgate_limits::StoreBaseline::new(store.clone()));
+    let limiter: Arc<dyn tollgate_limits::Limiter> = match &config.redis_url {
+        Some(url) => {
+            let mut redis = tollgate_limits::RedisLimiter::connect(url, baseline)
+                .await
+                .map_err(|e| anyhow::anyhow!("redis: cannot connect: {e}"))?;
+            if let Some(prefix) = &config.redis_key_prefix {
+                redis = redis.with_key_prefix(prefix);
+            }
+            tracing::info!("rate counters shared in Redis");
+            Arc::new(redis)
+        }
+        None => Arc::new(tollgate_limits::InProcessLimiter::new(
+            clock.clone(),
+            baseline,
+        )),
+    };
     let (outbox, outbox_writer) = Outbox::start(store.clone());
     let proxy = tollgate_proxy::router(tollgate_proxy::ProxyState {
         store: store.clone(),
@@ -159,7 +177,12 @@ pub async fn start_with_clock(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, database = %config.database_url, "tollgate listening");
+    let engine = if postgres { "postgresql" } else { "sqlite" };
+    if postgres {
+        tracing::info!(%addr, database = engine, "tollgate listening");
+    } else {
+        tracing::info!(%addr, database = %config.database_url, "tollgate listening");
+    }
 
     let demo = if config.demo {
         Some(crate::demo::setup(store.as_ref(), clock.as_ref(), addr).await?)
@@ -196,7 +219,7 @@ pub async fn start_with_clock(
     Ok(RunningServer {
         addr,
         store,
-        sqlite,
+        database,
         stop: Some(stop),
         task,
         outbox: outbox_writer,

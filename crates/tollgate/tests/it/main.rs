@@ -23,6 +23,7 @@ mod events_api;
 mod limits;
 mod limits_restart;
 mod models;
+mod multi_instance;
 mod sdk;
 mod server;
 mod stream_ends;

@@ -33,6 +33,8 @@ pub fn test_config(dir: &TempDir) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: format!("sqlite://{}", dir.path().join("tollgate.db").display()),
+        redis_url: None,
+        redis_key_prefix: None,
         admin_key: Some(format!("tgm_testadmin{}", "k".repeat(40))),
         master_key: Some([42; 32]),
         allow_private_networks: true,

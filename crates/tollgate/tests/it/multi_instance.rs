@@ -1,0 +1,414 @@
+//! Several `tollgate serve` processes sharing one PostgreSQL database and one Redis
+//! (SPEC §4; CASES C05, C06, C12, the CASCADING worked example across instances).
+//!
+//! Needs `TOLLGATE_TEST_POSTGRES_URL` and `TOLLGATE_TEST_REDIS_URL`: unset, each test prints
+//! a skip line and returns; set but unreachable, it fails. Each test gets a fresh
+//! PostgreSQL schema (the instances' URL carries `?options=-csearch_path%3D<schema>`,
+//! which sqlx passes to the server) and the same name as its Redis key prefix
+//! (`TOLLGATE_REDIS_KEY_PREFIX`), so tests run in parallel on one server of each.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sqlx::Executor as _;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tollgate_store::{PageRequest, PostgresStore, Store, UsageFilter};
+use tollgate_testkit::MockUpstream;
+
+use crate::support::{ok_json, status_json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+const ADMIN_KEY: &str = "tgm_multiinstance_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+/// Base64 of 32 zero bytes: the same on every instance.
+const MASTER_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+const M: &str = "acme/m";
+
+/// The shared back-ends of one test: a fresh schema and a Redis key prefix.
+struct Shared {
+    /// The PostgreSQL URL confined to the schema.
+    database_url: String,
+    redis_url: String,
+    schema: String,
+    admin: sqlx::PgPool,
+}
+
+impl Shared {
+    /// `None` (after printing why) when the back-ends are not configured.
+    async fn create(test: &str) -> Option<Shared> {
+        let (Ok(postgres), Ok(redis_url)) = (
+            std::env::var("TOLLGATE_TEST_POSTGRES_URL"),
+            std::env::var("TOLLGATE_TEST_REDIS_URL"),
+        ) else {
+            println!("skipped {test}: set TOLLGATE_TEST_POSTGRES_URL and TOLLGATE_TEST_REDIS_URL");
+            return None;
+        };
+        let schema = format!("tg_multi_{:016x}", rand::random::<u64>());
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&postgres)
+            .await
+            .expect("TOLLGATE_TEST_POSTGRES_URL is set but PostgreSQL does not answer");
+        admin
+            .execute(format!("CREATE SCHEMA {schema}").as_str())
+            .await
+            .unwrap();
+        let separator = if postgres.contains('?') { '&' } else { '?' };
+        let database_url = format!("{postgres}{separator}options=-csearch_path%3D{schema}");
+        Some(Shared {
+            database_url,
+            redis_url,
+            schema,
+            admin,
+        })
+    }
+
+    /// The same database as the instances see it.
+    async fn store(&self) -> PostgresStore {
+        PostgresStore::connect(&self.database_url).await.unwrap()
+    }
+
+    async fn drop_schema(self) {
+        self.admin
+            .execute(format!("DROP SCHEMA {} CASCADE", self.schema).as_str())
+            .await
+            .unwrap();
+        self.admin.close().await;
+    }
+}
+
+/// One `tollgate serve` process on `127.0.0.1:0`.
+struct Instance {
+    _child: Child,
+    addr: String,
+    http: reqwest::Client,
+}
+
+impl Instance {
+    /// Starts the binary on the shared back-ends (no inherited `TOLLGATE_*` variables)
+    /// and waits for its "tollgate listening" line; fails if it exits first.
+    async fn start(shared: &Shared) -> Instance {
+        let mut command = Command::new(BIN);
+        for (name, _) in std::env::vars() {
+            if name.starts_with("TOLLGATE_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .env("TOLLGATE_DATABASE_URL", &shared.database_url)
+            .env("TOLLGATE_REDIS_URL", &shared.redis_url)
+            .env("TOLLGATE_REDIS_KEY_PREFIX", &shared.schema)
+            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
+            .env("TOLLGATE_MASTER_KEY", MASTER_KEY)
+            .env("TOLLGATE_ALLOW_PRIVATE_NETWORKS", "true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (send, mut log) = mpsc::unbounded_channel();
+        // Always reading, so a full pipe never blocks the gateway.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = send.send(line);
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut seen = String::new();
+            loop {
+                let Some(line) = log.recv().await else {
+                    panic!("the gateway ended before listening:\n{seen}");
+                };
+                if let (true, Some(at)) = (line.contains("tollgate listening"), line.find("addr="))
+                {
+                    let rest = &line[at + 5..];
+                    return rest.split_whitespace().next().unwrap().to_owned();
+                }
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+        })
+        .await
+        .expect("the gateway never listened");
+        Instance {
+            _child: child,
+            addr,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn admin_post(&self, path: &str, body: Value) -> Value {
+        let answer = self
+            .http
+            .post(self.url(path))
+            .header("Authorization", format!("Api-Key {ADMIN_KEY}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        ok_json(answer).await
+    }
+
+    async fn create_endpoint(&self, mock: &MockUpstream, target_model: &str) {
+        self.admin_post(
+            "/v1/gateway/endpoints",
+            json!({"slug": M, "targets": [{"provider": "OPENAI_COMPATIBLE",
+                "base_url": mock.base_url(), "target_model": target_model, "secret_id": null}]}),
+        )
+        .await;
+    }
+
+    /// A group with `models` (CASCADING under `parent`) and a key of it.
+    async fn member(&self, ext: &str, parent: Option<&str>, models: Value) -> (String, String) {
+        let group = self
+            .admin_post(
+                "/v1/gateway/groups",
+                json!({"metadata": {"external_entity_id": ext, "name": ext}, "models": models,
+                       "hierarchy": {"limit_enforcement": "CASCADING", "parent_group_id": parent}}),
+            )
+            .await;
+        let id = group["id"].as_str().unwrap().to_owned();
+        let key = self
+            .admin_post(
+                &format!("/v1/gateway/groups/{id}/api_keys"),
+                json!({"name": "k"}),
+            )
+            .await["api_key"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (id, key)
+    }
+
+    /// One chat call: status and JSON body.
+    async fn chat(&self, key: &str) -> (u16, Value) {
+        let answer = self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&chat_body())
+            .send()
+            .await
+            .unwrap();
+        status_json(answer).await
+    }
+}
+
+fn chat_body() -> Value {
+    json!({"model": M, "messages": [{"role": "user", "content": "hello there world"}]})
+}
+
+/// Limits on [`M`], `(type, unit, threshold)`: DAY entries are usage limits.
+fn on_m(limits: &[(&str, &str, u64)]) -> Value {
+    let entry = |(kind, unit, threshold): &(&str, &str, u64)| json!({"type": kind, "unit": unit, "threshold": threshold});
+    let rate: Vec<Value> = limits.iter().filter(|l| l.1 != "DAY").map(entry).collect();
+    let usage: Vec<Value> = limits.iter().filter(|l| l.1 == "DAY").map(entry).collect();
+    json!([{"slug": M, "rate_limits": rate, "usage_limits": usage}])
+}
+
+/// Two instances on fresh shared back-ends, endpoint [`M`] on a mock scripted by
+/// `target_model`; `None` when the back-ends are not configured.
+async fn two_instances(
+    test: &str,
+    target_model: &str,
+) -> Option<(Shared, MockUpstream, Instance, Instance)> {
+    let shared = Shared::create(test).await?;
+    // One after the other: the first start creates the tables and the default workspace.
+    let one = Instance::start(&shared).await;
+    let two = Instance::start(&shared).await;
+    let mock = MockUpstream::start().await.unwrap();
+    one.create_endpoint(&mock, target_model).await;
+    Some((shared, mock, one, two))
+}
+
+async fn events_of_group(store: &PostgresStore, group: &str) -> usize {
+    let page = PageRequest {
+        limit: 1000,
+        after: None,
+    };
+    let events = store
+        .list_usage_events(&UsageFilter::default(), page)
+        .await
+        .unwrap()
+        .items;
+    events.iter().filter(|e| e.group_id == group).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c05_across_instances_exactly_the_limit_is_admitted() {
+    let Some((shared, _mock, one, two)) = two_instances(
+        "c05_across_instances_exactly_the_limit_is_admitted",
+        "echo?latency_ms=500&prompt_tokens=10&completion_tokens=5",
+    )
+    .await
+    else {
+        return;
+    };
+    let (group, key) = one
+        .member("c05", None, on_m(&[("REQUEST", "DAY", 5)]))
+        .await;
+    let instances = Arc::new([one, two]);
+    let barrier = Arc::new(tokio::sync::Barrier::new(20));
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let (barrier, instances, key) = (barrier.clone(), instances.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let instance = &instances[n % 2];
+            let request = instance
+                .http
+                .post(instance.url("/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&chat_body());
+            barrier.wait().await;
+            request.send().await.unwrap().status().as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        5,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        15,
+        "{statuses:?}"
+    );
+    // Events are committed before each response ends: all five are there already.
+    let store = shared.store().await;
+    assert_eq!(events_of_group(&store, &group).await, 5);
+    store.close().await;
+    drop(instances);
+    shared.drop_schema().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c06_instances_share_rate_limits() {
+    let Some((shared, _mock, one, two)) = two_instances(
+        "c06_instances_share_rate_limits",
+        "echo?prompt_tokens=100&completion_tokens=200",
+    )
+    .await
+    else {
+        return;
+    };
+    let (_o, key) = one
+        .member(
+            "o",
+            None,
+            on_m(&[("TOKEN", "MINUTE", 1000), ("REQUEST", "MINUTE", 4)]),
+        )
+        .await;
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        let instance = if n % 2 == 0 { &one } else { &two };
+        statuses.push(instance.chat(&key).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    drop((one, two));
+    shared.drop_schema().await;
+}
+
+/// SPEC §1.3's tree on TOKEN/DAY: O 100 › F 70, E 70, 10-token calls; F's key used on
+/// instance 1, E's on instance 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worked_example_cascading_with_the_siblings_on_different_instances() {
+    let Some((shared, _mock, one, two)) = two_instances(
+        "worked_example_cascading_with_the_siblings_on_different_instances",
+        "echo?prompt_tokens=5&completion_tokens=5",
+    )
+    .await
+    else {
+        return;
+    };
+    let (o, _) = one.member("o", None, on_m(&[("TOKEN", "DAY", 100)])).await;
+    let (f, kf) = one
+        .member("f", Some(&o), on_m(&[("TOKEN", "DAY", 70)]))
+        .await;
+    let (_e, ke) = two
+        .member("e", Some(&o), on_m(&[("TOKEN", "DAY", 70)]))
+        .await;
+
+    let admitted_until_refused = |instance: &Instance, key: String| {
+        let instance_url = instance.url("/v1/chat/completions");
+        let http = instance.http.clone();
+        async move {
+            for admitted in 0..20 {
+                let answer = http
+                    .post(&instance_url)
+                    .bearer_auth(&key)
+                    .json(&chat_body())
+                    .send()
+                    .await
+                    .unwrap();
+                let (status, body) = status_json(answer).await;
+                if status != 200 {
+                    assert_eq!(status, 429, "{body}");
+                    let message = body["error"]["message"].as_str().unwrap().to_owned();
+                    return (admitted, message);
+                }
+            }
+            panic!("never refused in 20 calls");
+        }
+    };
+    let (admitted, message) = admitted_until_refused(&one, kf).await;
+    assert_eq!(admitted, 7);
+    assert!(
+        message.contains(&format!("TOKEN/DAY 70 of group {f} (external id f)")),
+        "{message}"
+    );
+    let (admitted, message) = admitted_until_refused(&two, ke).await;
+    assert_eq!(admitted, 3);
+    assert!(
+        message.contains(&format!("TOKEN/DAY 100 of group {o} (external id o)")),
+        "{message}"
+    );
+    drop((one, two));
+    shared.drop_schema().await;
+}
+
+/// C12's first half: a key revoked through one instance is refused by the other on its
+/// next call (no instance caches keys, so the delay is one round trip).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c12_a_key_revoked_on_one_instance_is_refused_by_the_other() {
+    let Some((shared, _mock, one, two)) = two_instances(
+        "c12_a_key_revoked_on_one_instance_is_refused_by_the_other",
+        "echo?prompt_tokens=5&completion_tokens=5",
+    )
+    .await
+    else {
+        return;
+    };
+    let (group, key) = one.member("c12", None, on_m(&[])).await;
+    assert_eq!(two.chat(&key).await.0, 200);
+    let prefix = &key[..16];
+    let revoked = one
+        .http
+        .delete(one.url(&format!("/v1/gateway/groups/{group}/api_keys/{prefix}")))
+        .header("Authorization", format!("Api-Key {ADMIN_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    assert_eq!(ok_json(revoked).await, json!({"prefix": prefix}));
+    let (status, body) = two.chat(&key).await;
+    let delay = revoked_at.elapsed();
+    assert_eq!(status, 401, "{body}");
+    println!("c12: revocation through instance 1 refused by instance 2 after {delay:?}");
+    assert!(delay < Duration::from_secs(1), "{delay:?}");
+    drop((one, two));
+    shared.drop_schema().await;
+}
