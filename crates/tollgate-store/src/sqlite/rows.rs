@@ -3,15 +3,10 @@
 //! `StoreError::Corrupt`, never a panic. The column lists and the text codecs (JSON,
 //! enums, paging) are shared with the PostgreSQL store, which has the same columns.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
 use tollgate_core::endpoint::{Region, Target};
-use tollgate_core::{Group, LimitMode, ModelAccess, Timestamp};
+use tollgate_core::ModelAccess;
 
-use crate::{
-    ApiKey, Endpoint, ManagementKey, Page, Scope, Secret, StoreError, StoreResult, UsageEvent,
-    UsageStatus, Workspace,
-};
+use crate::{Page, Scope, StoreError, StoreResult, UsageStatus};
 
 pub(crate) const WORKSPACE_COLUMNS: &str = "id, name, is_enabled, signing_key, created_at";
 
@@ -51,37 +46,10 @@ pub(crate) fn into_page<T>(mut rows: Vec<Sequenced<T>>, limit: usize) -> Page<T>
     }
 }
 
-fn timestamp(row: &SqliteRow, column: &str) -> StoreResult<Timestamp> {
-    Ok(Timestamp(row.try_get::<i64, _>(column)?))
-}
-
-fn count(row: &SqliteRow, column: &str) -> StoreResult<u64> {
-    let value: i64 = row.try_get(column)?;
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} is {value}")))
-}
-
-pub(crate) fn workspace(row: &SqliteRow) -> StoreResult<Workspace> {
-    workspace_named(row, "")
-}
-
 /// A workspace selected next to another table's columns as `ws_id, ws_name, ...`.
 pub(crate) const JOINED_WORKSPACE_COLUMNS: &str = "w.id AS ws_id, w.name AS ws_name, \
      w.is_enabled AS ws_is_enabled, w.signing_key AS ws_signing_key, \
      w.created_at AS ws_created_at";
-
-pub(crate) fn joined_workspace(row: &SqliteRow) -> StoreResult<Workspace> {
-    workspace_named(row, "ws_")
-}
-
-fn workspace_named(row: &SqliteRow, prefix: &str) -> StoreResult<Workspace> {
-    Ok(Workspace {
-        id: row.try_get(format!("{prefix}id").as_str())?,
-        name: row.try_get(format!("{prefix}name").as_str())?,
-        is_enabled: row.try_get(format!("{prefix}is_enabled").as_str())?,
-        signing_key: row.try_get(format!("{prefix}signing_key").as_str())?,
-        created_at: timestamp(row, &format!("{prefix}created_at"))?,
-    })
-}
 
 pub(crate) fn scope_from_str(text: &str) -> StoreResult<Scope> {
     match text {
@@ -89,34 +57,6 @@ pub(crate) fn scope_from_str(text: &str) -> StoreResult<Scope> {
         "view" => Ok(Scope::View),
         other => Err(StoreError::Corrupt(format!("unknown scope '{other}'"))),
     }
-}
-
-pub(crate) fn management_key(row: &SqliteRow) -> StoreResult<Sequenced<ManagementKey>> {
-    let scope: String = row.try_get("scope")?;
-    Ok((
-        row.try_get("seq")?,
-        ManagementKey {
-            workspace_id: row.try_get("workspace_id")?,
-            prefix: row.try_get("prefix")?,
-            hash: row.try_get("hash")?,
-            name: row.try_get("name")?,
-            scope: scope_from_str(&scope)?,
-            created_at: timestamp(row, "created_at")?,
-        },
-    ))
-}
-
-pub(crate) fn secret(row: &SqliteRow) -> StoreResult<Sequenced<Secret>> {
-    Ok((
-        row.try_get("seq")?,
-        Secret {
-            id: row.try_get("id")?,
-            workspace_id: row.try_get("workspace_id")?,
-            name: row.try_get("name")?,
-            ciphertext: row.try_get("ciphertext")?,
-            created_at: timestamp(row, "created_at")?,
-        },
-    ))
 }
 
 pub(crate) fn region_str(region: Region) -> &'static str {
@@ -138,62 +78,8 @@ pub(crate) fn targets_json(targets: &[Target]) -> StoreResult<String> {
     serde_json::to_string(targets).map_err(|e| StoreError::Corrupt(format!("targets: {e}")))
 }
 
-pub(crate) fn endpoint(row: &SqliteRow) -> StoreResult<Sequenced<Endpoint>> {
-    let region: String = row.try_get("region")?;
-    let targets: String = row.try_get("targets")?;
-    Ok((
-        row.try_get("seq")?,
-        Endpoint {
-            id: row.try_get("id")?,
-            workspace_id: row.try_get("workspace_id")?,
-            slug: row.try_get("slug")?,
-            region: region_from_str(&region)?,
-            targets: serde_json::from_str(&targets)
-                .map_err(|e| StoreError::Corrupt(format!("endpoint targets: {e}")))?,
-            created_at: timestamp(row, "created_at")?,
-            updated_at: timestamp(row, "updated_at")?,
-        },
-    ))
-}
-
 pub(crate) fn models_json(models: &[ModelAccess]) -> StoreResult<String> {
     serde_json::to_string(models).map_err(|e| StoreError::Corrupt(format!("models: {e}")))
-}
-
-pub(crate) fn group(row: &SqliteRow) -> StoreResult<Sequenced<Group>> {
-    let models: String = row.try_get("models")?;
-    let mode: String = row.try_get("mode")?;
-    let depth: i64 = row.try_get("depth")?;
-    Ok((
-        row.try_get("seq")?,
-        Group {
-            id: row.try_get("id")?,
-            workspace_id: row.try_get("workspace_id")?,
-            name: row.try_get("name")?,
-            external_entity_id: row.try_get("external_entity_id")?,
-            models: serde_json::from_str(&models)
-                .map_err(|e| StoreError::Corrupt(format!("group models: {e}")))?,
-            mode: LimitMode::parse(&mode)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown limit mode '{mode}'")))?,
-            parent_id: row.try_get("parent_id")?,
-            depth: u32::try_from(depth)
-                .map_err(|_| StoreError::Corrupt(format!("group depth {depth}")))?,
-            created_at: timestamp(row, "created_at")?,
-        },
-    ))
-}
-
-pub(crate) fn api_key(row: &SqliteRow) -> StoreResult<Sequenced<ApiKey>> {
-    Ok((
-        row.try_get("seq")?,
-        ApiKey {
-            group_id: row.try_get("group_id")?,
-            prefix: row.try_get("prefix")?,
-            hash: row.try_get("hash")?,
-            name: row.try_get("name")?,
-            created_at: timestamp(row, "created_at")?,
-        },
-    ))
 }
 
 pub(crate) fn usage_status_from_str(text: &str) -> StoreResult<UsageStatus> {
@@ -207,28 +93,162 @@ pub(crate) fn usage_status_from_str(text: &str) -> StoreResult<UsageStatus> {
     }
 }
 
-pub(crate) fn usage_event(row: &SqliteRow) -> StoreResult<Sequenced<UsageEvent>> {
-    let status: String = row.try_get("status")?;
-    Ok((
-        row.try_get("seq")?,
-        UsageEvent {
-            idempotency_key: row.try_get("idempotency_key")?,
-            timestamp: timestamp(row, "timestamp")?,
-            request_id: row.try_get("request_id")?,
-            request_metadata: row.try_get("request_metadata")?,
-            model_slug: row.try_get("model_slug")?,
-            external_entity_id: row.try_get("external_entity_id")?,
-            api_key_prefix: row.try_get("api_key_prefix")?,
-            group_id: row.try_get("group_id")?,
-            workspace_id: row.try_get("workspace_id")?,
-            status: usage_status_from_str(&status)?,
-            input_tokens: count(row, "input_tokens")?,
-            output_tokens: count(row, "output_tokens")?,
-            cached_input_tokens: count(row, "cached_input_tokens")?,
-            is_estimated: row.try_get("is_estimated")?,
-        },
-    ))
+/// The decoders, one per table, for a backend's row type: SQLite and PostgreSQL read the
+/// same columns the same way, so both stores expand this once (`row_decoders!(SqliteRow)`,
+/// `row_decoders!(PgRow)`) instead of keeping two copies in step.
+macro_rules! row_decoders {
+    ($row:ty) => {
+        use ::sqlx::Row as _;
+        use ::tollgate_core::{Group, LimitMode, Timestamp};
+        use $crate::sqlite::rows::{
+            region_from_str, scope_from_str, usage_status_from_str, Sequenced,
+        };
+        use $crate::{
+            ApiKey, Endpoint, ManagementKey, Secret, StoreError, StoreResult, UsageEvent, Workspace,
+        };
+
+        pub(crate) fn timestamp(row: &$row, column: &str) -> StoreResult<Timestamp> {
+            Ok(Timestamp(row.try_get::<i64, _>(column)?))
+        }
+
+        pub(crate) fn count(row: &$row, column: &str) -> StoreResult<u64> {
+            let value: i64 = row.try_get(column)?;
+            u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} is {value}")))
+        }
+
+        pub(crate) fn workspace(row: &$row) -> StoreResult<Workspace> {
+            workspace_named(row, "")
+        }
+
+        pub(crate) fn joined_workspace(row: &$row) -> StoreResult<Workspace> {
+            workspace_named(row, "ws_")
+        }
+
+        pub(crate) fn workspace_named(row: &$row, prefix: &str) -> StoreResult<Workspace> {
+            Ok(Workspace {
+                id: row.try_get(format!("{prefix}id").as_str())?,
+                name: row.try_get(format!("{prefix}name").as_str())?,
+                is_enabled: row.try_get(format!("{prefix}is_enabled").as_str())?,
+                signing_key: row.try_get(format!("{prefix}signing_key").as_str())?,
+                created_at: timestamp(row, &format!("{prefix}created_at"))?,
+            })
+        }
+
+        pub(crate) fn management_key(row: &$row) -> StoreResult<Sequenced<ManagementKey>> {
+            let scope: String = row.try_get("scope")?;
+            Ok((
+                row.try_get("seq")?,
+                ManagementKey {
+                    workspace_id: row.try_get("workspace_id")?,
+                    prefix: row.try_get("prefix")?,
+                    hash: row.try_get("hash")?,
+                    name: row.try_get("name")?,
+                    scope: scope_from_str(&scope)?,
+                    created_at: timestamp(row, "created_at")?,
+                },
+            ))
+        }
+
+        pub(crate) fn secret(row: &$row) -> StoreResult<Sequenced<Secret>> {
+            Ok((
+                row.try_get("seq")?,
+                Secret {
+                    id: row.try_get("id")?,
+                    workspace_id: row.try_get("workspace_id")?,
+                    name: row.try_get("name")?,
+                    ciphertext: row.try_get("ciphertext")?,
+                    created_at: timestamp(row, "created_at")?,
+                },
+            ))
+        }
+
+        pub(crate) fn endpoint(row: &$row) -> StoreResult<Sequenced<Endpoint>> {
+            let region: String = row.try_get("region")?;
+            let targets: String = row.try_get("targets")?;
+            Ok((
+                row.try_get("seq")?,
+                Endpoint {
+                    id: row.try_get("id")?,
+                    workspace_id: row.try_get("workspace_id")?,
+                    slug: row.try_get("slug")?,
+                    region: region_from_str(&region)?,
+                    targets: serde_json::from_str(&targets)
+                        .map_err(|e| StoreError::Corrupt(format!("endpoint targets: {e}")))?,
+                    created_at: timestamp(row, "created_at")?,
+                    updated_at: timestamp(row, "updated_at")?,
+                },
+            ))
+        }
+
+        pub(crate) fn group(row: &$row) -> StoreResult<Sequenced<Group>> {
+            let models: String = row.try_get("models")?;
+            let mode: String = row.try_get("mode")?;
+            let depth: i64 = row.try_get("depth")?;
+            Ok((
+                row.try_get("seq")?,
+                Group {
+                    id: row.try_get("id")?,
+                    workspace_id: row.try_get("workspace_id")?,
+                    name: row.try_get("name")?,
+                    external_entity_id: row.try_get("external_entity_id")?,
+                    models: serde_json::from_str(&models)
+                        .map_err(|e| StoreError::Corrupt(format!("group models: {e}")))?,
+                    mode: LimitMode::parse(&mode).ok_or_else(|| {
+                        StoreError::Corrupt(format!("unknown limit mode '{mode}'"))
+                    })?,
+                    parent_id: row.try_get("parent_id")?,
+                    depth: u32::try_from(depth)
+                        .map_err(|_| StoreError::Corrupt(format!("group depth {depth}")))?,
+                    created_at: timestamp(row, "created_at")?,
+                },
+            ))
+        }
+
+        pub(crate) fn api_key(row: &$row) -> StoreResult<Sequenced<ApiKey>> {
+            Ok((
+                row.try_get("seq")?,
+                ApiKey {
+                    group_id: row.try_get("group_id")?,
+                    prefix: row.try_get("prefix")?,
+                    hash: row.try_get("hash")?,
+                    name: row.try_get("name")?,
+                    created_at: timestamp(row, "created_at")?,
+                },
+            ))
+        }
+
+        pub(crate) fn usage_event(row: &$row) -> StoreResult<Sequenced<UsageEvent>> {
+            let status: String = row.try_get("status")?;
+            Ok((
+                row.try_get("seq")?,
+                UsageEvent {
+                    idempotency_key: row.try_get("idempotency_key")?,
+                    timestamp: timestamp(row, "timestamp")?,
+                    request_id: row.try_get("request_id")?,
+                    request_metadata: row.try_get("request_metadata")?,
+                    model_slug: row.try_get("model_slug")?,
+                    external_entity_id: row.try_get("external_entity_id")?,
+                    api_key_prefix: row.try_get("api_key_prefix")?,
+                    group_id: row.try_get("group_id")?,
+                    workspace_id: row.try_get("workspace_id")?,
+                    status: usage_status_from_str(&status)?,
+                    input_tokens: count(row, "input_tokens")?,
+                    output_tokens: count(row, "output_tokens")?,
+                    cached_input_tokens: count(row, "cached_input_tokens")?,
+                    is_estimated: row.try_get("is_estimated")?,
+                },
+            ))
+        }
+    };
 }
+pub(crate) use row_decoders;
+
+/// The SQLite decoders.
+mod sqlite_decoders {
+    use sqlx::sqlite::SqliteRow;
+    super::row_decoders!(SqliteRow);
+}
+pub(crate) use sqlite_decoders::*;
 
 /// Token counts are `u64` in the model and `INTEGER` (i64) in SQLite; no real count
 /// comes near the boundary, so clamp rather than fail a billing write.
