@@ -168,6 +168,33 @@ pub trait Store: Send + Sync + 'static {
     /// workspace. `None` for unknown or revoked keys and for keys of deleted groups.
     async fn resolve_api_key(&self, prefix: &str) -> StoreResult<Option<KeyGrant>>;
 
+    // --- configuration change log (what `MirroredStore` follows) ----------------------
+    /// At most `limit` (0 is read as 1) changes with a sequence number above `after`,
+    /// oldest first, and how far the log has been pruned.
+    ///
+    /// Every write of workspaces, secrets, endpoints, groups and API keys appends its
+    /// change in the same transaction as the write. Like usage events, sequence numbers
+    /// must become visible in increasing order: a mirror moves its cursor past what it
+    /// saw, so a change numbered below one already seen would never be applied.
+    async fn config_changes_after(&self, after: i64, limit: u32) -> StoreResult<ConfigChanges>;
+    /// The newest change's sequence number; 0 when no change was ever written.
+    async fn newest_config_change(&self) -> StoreResult<i64>;
+    /// Deletes the changes written more than `keep` ago (by the database's clock), never
+    /// the newest one, and raises `pruned_through` to the largest number deleted.
+    /// Returns how many were deleted.
+    async fn prune_config_changes(&self, keep: std::time::Duration) -> StoreResult<u64>;
+
+    // --- bulk loads of the data plane's configuration ----------------------------------
+    // Keyset-paged like the lists, over every workspace, so no load holds more than one
+    // page of rows at a time.
+    /// Every workspace, enabled or not.
+    async fn workspaces_page(&self, page: PageRequest) -> StoreResult<Page<Workspace>>;
+    async fn live_groups_page(&self, page: PageRequest) -> StoreResult<Page<tollgate_core::Group>>;
+    /// Live keys of live groups.
+    async fn live_api_keys_page(&self, page: PageRequest) -> StoreResult<Page<ApiKey>>;
+    async fn live_endpoints_page(&self, page: PageRequest) -> StoreResult<Page<Endpoint>>;
+    async fn live_secrets_page(&self, page: PageRequest) -> StoreResult<Page<Secret>>;
+
     // --- usage ------------------------------------------------------------------------
     /// Idempotent on `idempotency_key`: storing an event again (a spool replayed after a
     /// crash) keeps the first copy and is not an error.

@@ -346,3 +346,66 @@ pub struct WebhookAttempt {
     /// When a `Pending` delivery is tried again; ignored otherwise.
     pub next_attempt_at: Option<Timestamp>,
 }
+
+// --- configuration change log -----------------------------------------------------------
+
+/// What kind of object a configuration change touched: the configuration the data plane
+/// serves from memory (`MirroredStore`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConfigKind {
+    /// `object_id` is the workspace id (created, enabled, disabled, signing key set).
+    Workspace,
+    /// `object_id` is the secret id (inserted, deleted).
+    Secret,
+    /// `object_id` is the endpoint id (inserted, targets updated, deleted).
+    Endpoint,
+    /// `object_id` is the group id (created, patched); for a delete, the id of the deleted
+    /// subtree's root.
+    Group,
+    /// `object_id` is the key prefix (inserted, revoked).
+    ApiKey,
+}
+
+impl ConfigKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfigKind::Workspace => "workspace",
+            ConfigKind::Secret => "secret",
+            ConfigKind::Endpoint => "endpoint",
+            ConfigKind::Group => "group",
+            ConfigKind::ApiKey => "api_key",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ConfigKind> {
+        match text {
+            "workspace" => Some(ConfigKind::Workspace),
+            "secret" => Some(ConfigKind::Secret),
+            "endpoint" => Some(ConfigKind::Endpoint),
+            "group" => Some(ConfigKind::Group),
+            "api_key" => Some(ConfigKind::ApiKey),
+            _ => None,
+        }
+    }
+}
+
+/// One row of the change log: "this object changed; read it again".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigChange {
+    /// Increasing, and visible in increasing order (see `Store::config_changes_after`).
+    pub seq: i64,
+    pub kind: ConfigKind,
+    pub object_id: String,
+    /// The database's clock when the change was written (pruning reads it).
+    pub changed_at: Timestamp,
+}
+
+/// A page of the change log after a cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigChanges {
+    /// Changes after the cursor, oldest first.
+    pub changes: Vec<ConfigChange>,
+    /// The largest sequence number pruned so far (0 when nothing was). A reader whose
+    /// cursor is below it has missed changes and must load everything again.
+    pub pruned_through: i64,
+}

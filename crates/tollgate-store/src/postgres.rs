@@ -12,6 +12,7 @@
 //! [`PostgresStore::connect_in_schema`] keeps all tables in one schema (created when
 //! missing), so several stores (or test runs) can share a database.
 
+mod changes;
 mod rows;
 mod tree;
 mod webhooks;
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection, Postgres, QueryBuilder};
 use std::str::FromStr;
+use std::time::Duration;
 use tollgate_core::endpoint::Target;
 use tollgate_core::ids::{new_id, IdKind};
 use tollgate_core::{Group, Timestamp};
@@ -34,6 +36,7 @@ use crate::{
     NewApiKey, NewEndpoint, NewGroup, NewManagementKey, NewSecret, Page, PageRequest, Secret,
     Store, StoreError, StoreResult, UsageEvent, UsageFilter, Workspace,
 };
+use crate::{ConfigChanges, ConfigKind};
 use crate::{
     NewWebhookDelivery, NewWebhookEndpoint, SequencedUsageEvent, WebhookAttempt, WebhookDelivery,
     WebhookEndpoint, WebhookSecret,
@@ -46,6 +49,11 @@ const GROUP_IS_LIVE: &str = "EXISTS (SELECT 1 FROM groups g \
 /// Connections per store. Every instance of a deployment opens this many, so it stays
 /// well under PostgreSQL's default `max_connections` of 100 for a handful of instances.
 const MAX_CONNECTIONS: u32 = 10;
+
+/// How long a query waits for a pooled connection (the default is 30 s). A database that
+/// is down fails every call within this, so the data plane answers from memory and the
+/// management API answers 503 instead of hanging.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Usage events per INSERT statement: 14 parameters each, 3,584 per statement, well under
 /// PostgreSQL's 65,535.
@@ -100,7 +108,9 @@ impl PostgresStore {
             .await?;
         conn.close().await?;
 
-        let mut pool = PgPoolOptions::new().max_connections(MAX_CONNECTIONS);
+        let mut pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT);
         if let Some(set_path) = set_path {
             pool = pool.after_connect(move |conn, _meta| {
                 let set_path = set_path.clone();
@@ -237,15 +247,18 @@ impl Store for PostgresStore {
             signing_key: None,
             created_at: now,
         };
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO workspaces (id, name, is_enabled, created_at) VALUES ($1, $2, TRUE, $3)",
         )
         .bind(&workspace.id)
         .bind(&workspace.name)
         .bind(now.0)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_on(e, "workspaces_name_key", "workspace"))?;
+        changes::record(&mut tx, ConfigKind::Workspace, &workspace.id).await?;
+        tx.commit().await?;
         Ok(workspace)
     }
 
@@ -265,20 +278,32 @@ impl Store for PostgresStore {
     }
 
     async fn set_workspace_enabled(&self, name: &str, enabled: bool) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE workspaces SET is_enabled = $1 WHERE name = $2")
-            .bind(enabled)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        let mut tx = self.pool.begin().await?;
+        let id: Option<String> = sqlx::query_scalar(
+            "UPDATE workspaces SET is_enabled = $1 WHERE name = $2 RETURNING id",
+        )
+        .bind(enabled)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = &id {
+            changes::record(&mut tx, ConfigKind::Workspace, id).await?;
+        }
+        tx.commit().await?;
+        Ok(id.is_some())
     }
 
     async fn set_signing_key(&self, workspace_id: &str, public_key: &[u8]) -> StoreResult<()> {
-        sqlx::query("UPDATE workspaces SET signing_key = $1 WHERE id = $2")
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("UPDATE workspaces SET signing_key = $1 WHERE id = $2")
             .bind(public_key)
             .bind(workspace_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        if done.rows_affected() > 0 {
+            changes::record(&mut tx, ConfigKind::Workspace, workspace_id).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -405,6 +430,7 @@ impl Store for PostgresStore {
     // --- secrets ----------------------------------------------------------------------
 
     async fn insert_secret(&self, secret: NewSecret) -> StoreResult<Secret> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO secrets (id, workspace_id, name, ciphertext, created_at) \
              VALUES ($1, $2, $3, $4, $5)",
@@ -414,9 +440,11 @@ impl Store for PostgresStore {
         .bind(&secret.name)
         .bind(&secret.ciphertext)
         .bind(secret.created_at.0)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_on(e, "secrets_live_name", "name"))?;
+        changes::record(&mut tx, ConfigKind::Secret, &secret.id).await?;
+        tx.commit().await?;
         Ok(Secret {
             id: secret.id,
             workspace_id: secret.workspace_id,
@@ -454,20 +482,27 @@ impl Store for PostgresStore {
     }
 
     async fn delete_secret(&self, id: &str, now: Timestamp) -> StoreResult<Option<Secret>> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE secrets SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL \
              RETURNING {SECRET_COLUMNS}"
         ))
         .bind(now.0)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row.as_ref().map(rows::secret).transpose()?.map(|(_, s)| s))
+        let deleted = row.as_ref().map(rows::secret).transpose()?.map(|(_, s)| s);
+        if deleted.is_some() {
+            changes::record(&mut tx, ConfigKind::Secret, id).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     // --- endpoints --------------------------------------------------------------------
 
     async fn insert_endpoint(&self, endpoint: NewEndpoint) -> StoreResult<Endpoint> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO endpoints \
              (id, workspace_id, slug, region, targets, created_at, updated_at) \
@@ -479,9 +514,11 @@ impl Store for PostgresStore {
         .bind(region_str(endpoint.region))
         .bind(targets_json(&endpoint.targets)?)
         .bind(endpoint.created_at.0)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_on(e, "endpoints_live_slug", "slug"))?;
+        changes::record(&mut tx, ConfigKind::Endpoint, &endpoint.id).await?;
+        tx.commit().await?;
         Ok(Endpoint {
             id: endpoint.id,
             workspace_id: endpoint.workspace_id,
@@ -545,6 +582,7 @@ impl Store for PostgresStore {
         targets: &[Target],
         now: Timestamp,
     ) -> StoreResult<Option<Endpoint>> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE endpoints SET targets = $1, updated_at = $2 \
              WHERE id = $3 AND deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
@@ -552,29 +590,40 @@ impl Store for PostgresStore {
         .bind(targets_json(targets)?)
         .bind(now.0)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row
+        let updated = row
             .as_ref()
             .map(rows::endpoint)
             .transpose()?
-            .map(|(_, e)| e))
+            .map(|(_, e)| e);
+        if updated.is_some() {
+            changes::record(&mut tx, ConfigKind::Endpoint, id).await?;
+        }
+        tx.commit().await?;
+        Ok(updated)
     }
 
     async fn delete_endpoint(&self, id: &str, now: Timestamp) -> StoreResult<Option<Endpoint>> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE endpoints SET deleted_at = $1 \
              WHERE id = $2 AND deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
         ))
         .bind(now.0)
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row
+        let deleted = row
             .as_ref()
             .map(rows::endpoint)
             .transpose()?
-            .map(|(_, e)| e))
+            .map(|(_, e)| e);
+        if deleted.is_some() {
+            changes::record(&mut tx, ConfigKind::Endpoint, id).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     // --- groups -----------------------------------------------------------------------
@@ -582,6 +631,7 @@ impl Store for PostgresStore {
     async fn create_group(&self, group: NewGroup) -> Result<Group, GroupWriteError> {
         let mut tx = self.pool.begin().await?;
         let created = tree::create(&mut tx, group).await?;
+        changes::record(&mut tx, ConfigKind::Group, &created.id).await?;
         tx.commit().await?;
         Ok(created)
     }
@@ -632,6 +682,7 @@ impl Store for PostgresStore {
     async fn update_group(&self, id: &str, patch: GroupPatch) -> Result<Group, GroupWriteError> {
         let mut tx = self.pool.begin().await?;
         let updated = tree::update(&mut tx, id, patch).await?;
+        changes::record(&mut tx, ConfigKind::Group, id).await?;
         tx.commit().await?;
         Ok(updated)
     }
@@ -643,6 +694,10 @@ impl Store for PostgresStore {
     ) -> StoreResult<Option<(Group, Timestamp)>> {
         let mut tx = self.pool.begin().await?;
         let deleted = tree::delete(&mut tx, id, now).await?;
+        if deleted.is_some() {
+            // One row for the subtree's root: a mirror drops the whole subtree and its keys.
+            changes::record(&mut tx, ConfigKind::Group, id).await?;
+        }
         tx.commit().await?;
         Ok(deleted.map(|group| (group, now)))
     }
@@ -650,6 +705,7 @@ impl Store for PostgresStore {
     // --- API keys ---------------------------------------------------------------------
 
     async fn insert_api_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO api_keys (prefix, group_id, hash, name, created_at) \
              VALUES ($1, $2, $3, $4, $5)",
@@ -659,9 +715,11 @@ impl Store for PostgresStore {
         .bind(&key.hash)
         .bind(&key.name)
         .bind(key.created_at.0)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_on(e, "api_keys_prefix_key", "prefix"))?;
+        changes::record(&mut tx, ConfigKind::ApiKey, &key.prefix).await?;
+        tx.commit().await?;
         Ok(ApiKey {
             group_id: key.group_id,
             prefix: key.prefix,
@@ -702,6 +760,7 @@ impl Store for PostgresStore {
         prefix: &str,
         now: Timestamp,
     ) -> StoreResult<Option<ApiKey>> {
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query(&format!(
             "UPDATE api_keys SET revoked_at = $1 \
              WHERE group_id = $2 AND prefix = $3 AND revoked_at IS NULL \
@@ -710,9 +769,14 @@ impl Store for PostgresStore {
         .bind(now.0)
         .bind(group_id)
         .bind(prefix)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row.as_ref().map(rows::api_key).transpose()?.map(|(_, k)| k))
+        let revoked = row.as_ref().map(rows::api_key).transpose()?.map(|(_, k)| k);
+        if revoked.is_some() {
+            changes::record(&mut tx, ConfigKind::ApiKey, prefix).await?;
+        }
+        tx.commit().await?;
+        Ok(revoked)
     }
 
     async fn api_key_prefix_exists(&self, prefix: &str) -> StoreResult<bool> {
@@ -757,6 +821,40 @@ impl Store for PostgresStore {
             chain,
             workspace,
         }))
+    }
+
+    // --- configuration change log and bulk loads -----------------------------------------
+
+    async fn config_changes_after(&self, after: i64, limit: u32) -> StoreResult<ConfigChanges> {
+        changes::after(&self.pool, after, limit).await
+    }
+
+    async fn newest_config_change(&self) -> StoreResult<i64> {
+        changes::newest(&self.pool).await
+    }
+
+    async fn prune_config_changes(&self, keep: std::time::Duration) -> StoreResult<u64> {
+        changes::prune(&self.pool, keep).await
+    }
+
+    async fn workspaces_page(&self, page: PageRequest) -> StoreResult<Page<Workspace>> {
+        changes::workspaces(&self.pool, page).await
+    }
+
+    async fn live_groups_page(&self, page: PageRequest) -> StoreResult<Page<Group>> {
+        changes::live_groups(&self.pool, page).await
+    }
+
+    async fn live_api_keys_page(&self, page: PageRequest) -> StoreResult<Page<ApiKey>> {
+        changes::live_api_keys(&self.pool, page).await
+    }
+
+    async fn live_endpoints_page(&self, page: PageRequest) -> StoreResult<Page<Endpoint>> {
+        changes::live_endpoints(&self.pool, page).await
+    }
+
+    async fn live_secrets_page(&self, page: PageRequest) -> StoreResult<Page<Secret>> {
+        changes::live_secrets(&self.pool, page).await
     }
 
     // --- usage ------------------------------------------------------------------------

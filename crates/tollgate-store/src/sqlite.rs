@@ -9,6 +9,7 @@
 //! server) waits on the busy timeout instead of failing half-way.
 //! Pinned by `concurrent_create_group_never_busy` in `tests/conformance.rs`.
 
+mod changes;
 pub(crate) mod rows;
 mod tree;
 mod webhooks;
@@ -37,6 +38,7 @@ use crate::{
     NewApiKey, NewEndpoint, NewGroup, NewManagementKey, NewSecret, Page, PageRequest, Secret,
     Store, StoreError, StoreResult, UsageEvent, UsageFilter, Workspace,
 };
+use crate::{ConfigChanges, ConfigKind};
 use crate::{
     NewWebhookDelivery, NewWebhookEndpoint, SequencedUsageEvent, WebhookAttempt, WebhookDelivery,
     WebhookEndpoint, WebhookSecret,
@@ -321,15 +323,18 @@ impl Store for SqliteStore {
             signing_key: None,
             created_at: now,
         };
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO workspaces (id, name, is_enabled, created_at) VALUES (?1, ?2, 1, ?3)",
         )
         .bind(&workspace.id)
         .bind(&workspace.name)
         .bind(now.0)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_on(e, "workspaces.name", "workspace"))?;
+        changes::record(&mut tx, ConfigKind::Workspace, &workspace.id).await?;
+        tx.commit().await?;
         Ok(workspace)
     }
 
@@ -349,20 +354,32 @@ impl Store for SqliteStore {
     }
 
     async fn set_workspace_enabled(&self, name: &str, enabled: bool) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE workspaces SET is_enabled = ?1 WHERE name = ?2")
-            .bind(enabled)
-            .bind(name)
-            .execute(&self.write)
-            .await?;
-        Ok(done.rows_affected() > 0)
+        let mut tx = self.begin_write().await?;
+        let id: Option<String> = sqlx::query_scalar(
+            "UPDATE workspaces SET is_enabled = ?1 WHERE name = ?2 RETURNING id",
+        )
+        .bind(enabled)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = &id {
+            changes::record(&mut tx, ConfigKind::Workspace, id).await?;
+        }
+        tx.commit().await?;
+        Ok(id.is_some())
     }
 
     async fn set_signing_key(&self, workspace_id: &str, public_key: &[u8]) -> StoreResult<()> {
-        sqlx::query("UPDATE workspaces SET signing_key = ?1 WHERE id = ?2")
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query("UPDATE workspaces SET signing_key = ?1 WHERE id = ?2")
             .bind(public_key)
             .bind(workspace_id)
-            .execute(&self.write)
+            .execute(&mut *tx)
             .await?;
+        if done.rows_affected() > 0 {
+            changes::record(&mut tx, ConfigKind::Workspace, workspace_id).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -489,6 +506,7 @@ impl Store for SqliteStore {
     // --- secrets ----------------------------------------------------------------------
 
     async fn insert_secret(&self, secret: NewSecret) -> StoreResult<Secret> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO secrets (id, workspace_id, name, ciphertext, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -498,9 +516,11 @@ impl Store for SqliteStore {
         .bind(&secret.name)
         .bind(&secret.ciphertext)
         .bind(secret.created_at.0)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_on(e, "secrets.name", "name"))?;
+        changes::record(&mut tx, ConfigKind::Secret, &secret.id).await?;
+        tx.commit().await?;
         Ok(Secret {
             id: secret.id,
             workspace_id: secret.workspace_id,
@@ -538,20 +558,27 @@ impl Store for SqliteStore {
     }
 
     async fn delete_secret(&self, id: &str, now: Timestamp) -> StoreResult<Option<Secret>> {
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(&format!(
             "UPDATE secrets SET deleted_at = ?1 WHERE id = ?2 AND deleted_at IS NULL \
              RETURNING {SECRET_COLUMNS}"
         ))
         .bind(now.0)
         .bind(id)
-        .fetch_optional(&self.write)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row.as_ref().map(rows::secret).transpose()?.map(|(_, s)| s))
+        let deleted = row.as_ref().map(rows::secret).transpose()?.map(|(_, s)| s);
+        if deleted.is_some() {
+            changes::record(&mut tx, ConfigKind::Secret, id).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     // --- endpoints --------------------------------------------------------------------
 
     async fn insert_endpoint(&self, endpoint: NewEndpoint) -> StoreResult<Endpoint> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO endpoints \
              (id, workspace_id, slug, region, targets, created_at, updated_at) \
@@ -563,9 +590,11 @@ impl Store for SqliteStore {
         .bind(rows::region_str(endpoint.region))
         .bind(rows::targets_json(&endpoint.targets)?)
         .bind(endpoint.created_at.0)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_on(e, "endpoints.slug", "slug"))?;
+        changes::record(&mut tx, ConfigKind::Endpoint, &endpoint.id).await?;
+        tx.commit().await?;
         Ok(Endpoint {
             id: endpoint.id,
             workspace_id: endpoint.workspace_id,
@@ -629,6 +658,7 @@ impl Store for SqliteStore {
         targets: &[Target],
         now: Timestamp,
     ) -> StoreResult<Option<Endpoint>> {
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(&format!(
             "UPDATE endpoints SET targets = ?1, updated_at = ?2 \
              WHERE id = ?3 AND deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
@@ -636,29 +666,40 @@ impl Store for SqliteStore {
         .bind(rows::targets_json(targets)?)
         .bind(now.0)
         .bind(id)
-        .fetch_optional(&self.write)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row
+        let updated = row
             .as_ref()
             .map(rows::endpoint)
             .transpose()?
-            .map(|(_, e)| e))
+            .map(|(_, e)| e);
+        if updated.is_some() {
+            changes::record(&mut tx, ConfigKind::Endpoint, id).await?;
+        }
+        tx.commit().await?;
+        Ok(updated)
     }
 
     async fn delete_endpoint(&self, id: &str, now: Timestamp) -> StoreResult<Option<Endpoint>> {
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(&format!(
             "UPDATE endpoints SET deleted_at = ?1 \
              WHERE id = ?2 AND deleted_at IS NULL RETURNING {ENDPOINT_COLUMNS}"
         ))
         .bind(now.0)
         .bind(id)
-        .fetch_optional(&self.write)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row
+        let deleted = row
             .as_ref()
             .map(rows::endpoint)
             .transpose()?
-            .map(|(_, e)| e))
+            .map(|(_, e)| e);
+        if deleted.is_some() {
+            changes::record(&mut tx, ConfigKind::Endpoint, id).await?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     // --- groups -----------------------------------------------------------------------
@@ -666,6 +707,7 @@ impl Store for SqliteStore {
     async fn create_group(&self, group: NewGroup) -> Result<Group, GroupWriteError> {
         let mut tx = self.begin_write().await?;
         let created = tree::create(&mut tx, group).await?;
+        changes::record(&mut tx, ConfigKind::Group, &created.id).await?;
         tx.commit().await?;
         Ok(created)
     }
@@ -716,6 +758,7 @@ impl Store for SqliteStore {
     async fn update_group(&self, id: &str, patch: GroupPatch) -> Result<Group, GroupWriteError> {
         let mut tx = self.begin_write().await?;
         let updated = tree::update(&mut tx, id, patch).await?;
+        changes::record(&mut tx, ConfigKind::Group, id).await?;
         tx.commit().await?;
         Ok(updated)
     }
@@ -727,6 +770,10 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<(Group, Timestamp)>> {
         let mut tx = self.begin_write().await?;
         let deleted = tree::delete(&mut tx, id, now).await?;
+        if deleted.is_some() {
+            // One row for the subtree's root: a mirror drops the whole subtree and its keys.
+            changes::record(&mut tx, ConfigKind::Group, id).await?;
+        }
         tx.commit().await?;
         Ok(deleted.map(|group| (group, now)))
     }
@@ -734,6 +781,7 @@ impl Store for SqliteStore {
     // --- API keys ---------------------------------------------------------------------
 
     async fn insert_api_key(&self, key: NewApiKey) -> StoreResult<ApiKey> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO api_keys (prefix, group_id, hash, name, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -743,9 +791,11 @@ impl Store for SqliteStore {
         .bind(&key.hash)
         .bind(&key.name)
         .bind(key.created_at.0)
-        .execute(&self.write)
+        .execute(&mut *tx)
         .await
         .map_err(|e| duplicate_on(e, "api_keys.prefix", "prefix"))?;
+        changes::record(&mut tx, ConfigKind::ApiKey, &key.prefix).await?;
+        tx.commit().await?;
         Ok(ApiKey {
             group_id: key.group_id,
             prefix: key.prefix,
@@ -786,6 +836,7 @@ impl Store for SqliteStore {
         prefix: &str,
         now: Timestamp,
     ) -> StoreResult<Option<ApiKey>> {
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(&format!(
             "UPDATE api_keys SET revoked_at = ?1 \
              WHERE group_id = ?2 AND prefix = ?3 AND revoked_at IS NULL \
@@ -794,9 +845,14 @@ impl Store for SqliteStore {
         .bind(now.0)
         .bind(group_id)
         .bind(prefix)
-        .fetch_optional(&self.write)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(row.as_ref().map(rows::api_key).transpose()?.map(|(_, k)| k))
+        let revoked = row.as_ref().map(rows::api_key).transpose()?.map(|(_, k)| k);
+        if revoked.is_some() {
+            changes::record(&mut tx, ConfigKind::ApiKey, prefix).await?;
+        }
+        tx.commit().await?;
+        Ok(revoked)
     }
 
     async fn api_key_prefix_exists(&self, prefix: &str) -> StoreResult<bool> {
@@ -837,6 +893,43 @@ impl Store for SqliteStore {
             chain,
             workspace,
         }))
+    }
+
+    // --- configuration change log and bulk loads -----------------------------------------
+
+    async fn config_changes_after(&self, after: i64, limit: u32) -> StoreResult<ConfigChanges> {
+        changes::after(&self.read, after, limit).await
+    }
+
+    async fn newest_config_change(&self) -> StoreResult<i64> {
+        changes::newest(&self.read).await
+    }
+
+    async fn prune_config_changes(&self, keep: Duration) -> StoreResult<u64> {
+        let mut tx = self.begin_write().await?;
+        let pruned = changes::prune(&mut tx, keep).await?;
+        tx.commit().await?;
+        Ok(pruned)
+    }
+
+    async fn workspaces_page(&self, page: PageRequest) -> StoreResult<Page<Workspace>> {
+        changes::workspaces(&self.read, page).await
+    }
+
+    async fn live_groups_page(&self, page: PageRequest) -> StoreResult<Page<Group>> {
+        changes::live_groups(&self.read, page).await
+    }
+
+    async fn live_api_keys_page(&self, page: PageRequest) -> StoreResult<Page<ApiKey>> {
+        changes::live_api_keys(&self.read, page).await
+    }
+
+    async fn live_endpoints_page(&self, page: PageRequest) -> StoreResult<Page<Endpoint>> {
+        changes::live_endpoints(&self.read, page).await
+    }
+
+    async fn live_secrets_page(&self, page: PageRequest) -> StoreResult<Page<Secret>> {
+        changes::live_secrets(&self.read, page).await
     }
 
     // --- usage ------------------------------------------------------------------------

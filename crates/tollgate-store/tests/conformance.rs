@@ -15,6 +15,9 @@ mod cases;
 #[path = "conformance/webhooks.rs"]
 #[macro_use]
 mod webhooks;
+#[path = "conformance/changes.rs"]
+#[macro_use]
+mod changes;
 
 use std::sync::Arc;
 
@@ -33,6 +36,7 @@ async fn fresh_sqlite() -> (TempDir, Arc<dyn Store>) {
 
 conformance_cases!(fresh_sqlite);
 webhook_conformance_cases!(fresh_sqlite);
+change_log_conformance_cases!(fresh_sqlite);
 
 #[tokio::test]
 async fn data_survives_reopening_the_file() {

@@ -21,6 +21,9 @@ mod cases;
 #[path = "conformance/webhooks.rs"]
 #[macro_use]
 mod webhooks;
+#[path = "conformance/changes.rs"]
+#[macro_use]
+mod changes;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -123,6 +126,7 @@ async fn fresh_postgres() -> Option<(Schema, Arc<dyn Store>)> {
 
 conformance_cases!(fresh_postgres);
 webhook_conformance_cases!(fresh_postgres);
+change_log_conformance_cases!(fresh_postgres);
 
 fn token_minute(threshold: u64) -> Vec<ModelAccess> {
     vec![ModelAccess {
@@ -307,6 +311,119 @@ async fn usage_sequence_numbers_become_visible_in_order() {
     assert_eq!(stored.len(), total, "every event stored once");
     first.close().await;
     second.close().await;
+}
+
+/// Four writers on two stores mint 200 API keys while a reader follows the change log
+/// the way a mirror does (`config_changes_after(cursor)`, then the cursor moves to the
+/// largest number seen): it ends with every change exactly once. A trigger makes each
+/// change row linger before its commit, so without the change-log lock numbers would
+/// commit out of order and the reader would skip some.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_changes_become_visible_in_order() {
+    let Some(url) = postgres_url() else { return };
+    let schema = Schema::fresh(&url);
+    let first = Arc::new(schema.open().await);
+    let second = Arc::new(schema.open().await);
+    let ws = first.create_workspace("acme", cases::T0).await.unwrap().id;
+    first
+        .create_group(NewGroup {
+            id: "grp_o".into(),
+            workspace_id: ws.clone(),
+            name: None,
+            external_entity_id: "ext-o".into(),
+            models: vec![],
+            mode: LimitMode::Independent,
+            parent_id: None,
+            created_at: cases::T0,
+        })
+        .await
+        .unwrap();
+    let start = first.newest_config_change().await.unwrap();
+    schema.slow_down("config_changes", 4).await;
+
+    let writers = 4_u32;
+    let per_writer = 50_u32;
+    let mut tasks = Vec::new();
+    for writer in 0..writers {
+        let store = if writer % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            for n in 0..per_writer {
+                store
+                    .insert_api_key(tollgate_store::NewApiKey {
+                        group_id: "grp_o".into(),
+                        prefix: format!("tg_{:013}", writer * 1000 + n),
+                        hash: vec![1; 32],
+                        name: None,
+                        created_at: cases::T0,
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let total = usize::try_from(writers * per_writer).unwrap();
+    let mut seen = HashSet::new();
+    let mut cursor = start;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        let writers_done = tasks.iter().all(|task| task.is_finished());
+        let page = second.config_changes_after(cursor, 7).await.unwrap();
+        for change in &page.changes {
+            assert!(change.seq > cursor);
+            assert!(seen.insert(change.object_id.clone()), "{change:?} twice");
+            cursor = change.seq;
+        }
+        if page.changes.is_empty() {
+            if writers_done {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        seen.len(),
+        total,
+        "changes the cursor moved past before they were visible"
+    );
+    first.close().await;
+    second.close().await;
+}
+
+/// A notification on `tollgate_config` carries the change's number and arrives once the
+/// write commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_is_announced_on_tollgate_config() {
+    let Some(url) = postgres_url() else { return };
+    let schema = Schema::fresh(&url);
+    let store = schema.open().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+    listener.listen("tollgate_config").await.unwrap();
+    let ws = store.create_workspace("acme", cases::T0).await.unwrap().id;
+    let seq = store.newest_config_change().await.unwrap();
+    // Other schemas' tests share the channel: wait for this schema's number.
+    let heard = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let note = listener.recv().await.unwrap();
+            if note.payload() == seq.to_string() {
+                return note.payload().to_owned();
+            }
+        }
+    })
+    .await
+    .expect("announced within 10 s");
+    assert_eq!(heard, seq.to_string());
+    let changes = store.config_changes_after(0, 10).await.unwrap().changes;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].object_id, ws);
+    assert_eq!(changes[0].seq, seq);
+    store.close().await;
 }
 
 /// Two stores claiming due deliveries at once take disjoint sets (`SKIP LOCKED` plus the

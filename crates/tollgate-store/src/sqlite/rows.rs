@@ -23,6 +23,8 @@ pub(crate) const GROUP_COLUMNS: &str = "g.seq, g.id, g.workspace_id, g.name, \
 
 pub(crate) const API_KEY_COLUMNS: &str = "seq, group_id, prefix, hash, name, created_at";
 
+pub(crate) const CONFIG_CHANGE_COLUMNS: &str = "seq, kind, object_id, changed_at";
+
 pub(crate) const USAGE_EVENT_COLUMNS: &str = "seq, idempotency_key, timestamp, \
      request_id, request_metadata, model_slug, external_entity_id, api_key_prefix, \
      group_id, workspace_id, status, input_tokens, output_tokens, \
@@ -104,7 +106,8 @@ macro_rules! row_decoders {
             region_from_str, scope_from_str, usage_status_from_str, Sequenced,
         };
         use $crate::{
-            ApiKey, Endpoint, ManagementKey, Secret, StoreError, StoreResult, UsageEvent, Workspace,
+            ApiKey, ConfigChange, ConfigKind, Endpoint, ManagementKey, Secret, StoreError,
+            StoreResult, UsageEvent, Workspace,
         };
 
         pub(crate) fn timestamp(row: &$row, column: &str) -> StoreResult<Timestamp> {
@@ -131,6 +134,23 @@ macro_rules! row_decoders {
                 is_enabled: row.try_get(format!("{prefix}is_enabled").as_str())?,
                 signing_key: row.try_get(format!("{prefix}signing_key").as_str())?,
                 created_at: timestamp(row, &format!("{prefix}created_at"))?,
+            })
+        }
+
+        /// A workspace selected with its `seq` (the bulk load's keyset).
+        pub(crate) fn sequenced_workspace(row: &$row) -> StoreResult<Sequenced<Workspace>> {
+            Ok((row.try_get("seq")?, workspace(row)?))
+        }
+
+        pub(crate) fn config_change(row: &$row) -> StoreResult<ConfigChange> {
+            let kind: String = row.try_get("kind")?;
+            Ok(ConfigChange {
+                seq: row.try_get("seq")?,
+                kind: ConfigKind::parse(&kind).ok_or_else(|| {
+                    StoreError::Corrupt(format!("unknown configuration change kind '{kind}'"))
+                })?,
+                object_id: row.try_get("object_id")?,
+                changed_at: timestamp(row, "changed_at")?,
             })
         }
 
