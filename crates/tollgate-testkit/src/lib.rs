@@ -12,6 +12,7 @@ mod net;
 mod reply;
 mod routes;
 mod script;
+mod services;
 mod sink;
 mod stream;
 
@@ -27,6 +28,7 @@ pub use script::{
     ScriptError, UsageOn,
 };
 
+pub use services::{PostgresServer, RedisServer};
 pub use sink::{dedupe_accepted, Deduplicated, ReceivedWebhook, SinkReply, WebhookSink};
 
 use journal::Recorder;
