@@ -108,3 +108,57 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .ok_or_else(|| ApiError::internal("management route reached without authentication"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use tollgate_core::secretbox::SecretBox;
+    use tollgate_core::SystemClock;
+    use tollgate_store::SqliteStore;
+    use tower::ServiceExt as _;
+
+    use crate::AdminState;
+
+    /// The management key cannot be checked while the database is away: that is the
+    /// database's 503, not the caller's 401.
+    #[tokio::test]
+    async fn a_key_check_without_a_database_is_503_not_401() {
+        let store = Arc::new(SqliteStore::open("sqlite::memory:").await.unwrap());
+        // Every call now fails as a database that is gone does.
+        store.close().await;
+        let router = crate::router(AdminState {
+            store,
+            clock: Arc::new(SystemClock),
+            sealer: Arc::new(SecretBox::new(&[7; 32])),
+            allow_private_networks: false,
+        });
+        for (method, path) in [
+            ("GET", "/v1/gateway/groups"),
+            ("POST", "/v1/gateway/secrets"),
+        ] {
+            let request = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", format!("Api-Key tgm_{}", "a".repeat(40)))
+                .header("content-type", "application/json")
+                .body(Body::from("{}"))
+                .unwrap();
+            let response = router.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status(), 503, "{method} {path}");
+            assert_eq!(response.headers()["retry-after"], "5");
+            let body = axum::body::to_bytes(response.into_body(), 1024)
+                .await
+                .unwrap();
+            assert_eq!(
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+                serde_json::json!({
+                    "error": "The database is unavailable; retry shortly.",
+                    "code": "database_unavailable",
+                })
+            );
+        }
+    }
+}

@@ -4,10 +4,12 @@
 //! a 4xx status; the codes are listed in `docs/management-api.md` and never change
 //! meaning. An internal failure is answered as an opaque 500 `internal_error` so no
 //! store detail reaches the caller; its detail rides in a response extension to
-//! [`log_internal_errors`], which logs it once with the request id.
+//! [`log_internal_errors`], which logs it once with the request id. A database that cannot
+//! be reached (`StoreError::is_unavailable`) is a 503 `database_unavailable` with
+//! `Retry-After: 5` instead — also when the management key itself could not be looked up.
 
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -22,7 +24,12 @@ pub struct ApiError {
     message: String,
     /// Logged (never sent) for internal errors.
     internal: Option<String>,
+    /// Seconds for a `Retry-After` header.
+    retry_after: Option<u32>,
 }
+
+/// Seconds a caller is told to wait (`Retry-After`) while the database is unavailable.
+pub const DATABASE_RETRY_AFTER_SECS: u32 = 5;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
@@ -31,6 +38,7 @@ impl ApiError {
             code,
             message: message.into(),
             internal: None,
+            retry_after: None,
         }
     }
 
@@ -72,6 +80,19 @@ impl ApiError {
             code: "internal_error",
             message: "Internal server error".to_owned(),
             internal: Some(detail.to_string()),
+            retry_after: None,
+        }
+    }
+
+    /// 503 `database_unavailable` with `Retry-After: 5`: the database cannot be reached
+    /// for now. The detail is logged at the boundary like an internal error's.
+    pub fn database_unavailable(detail: impl std::fmt::Display) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "database_unavailable",
+            message: "The database is unavailable; retry shortly.".to_owned(),
+            internal: Some(detail.to_string()),
+            retry_after: Some(DATABASE_RETRY_AFTER_SECS),
         }
     }
 
@@ -96,6 +117,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.message, "code": self.code });
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         if let Some(detail) = self.internal {
             response.extensions_mut().insert(InternalDetail(detail));
         }
@@ -114,7 +140,18 @@ pub async fn log_internal_errors(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let mut response = next.run(request).await;
-    if let Some(InternalDetail(detail)) = response.extensions_mut().remove::<InternalDetail>() {
+    let detail = response.extensions_mut().remove::<InternalDetail>();
+    if let Some(InternalDetail(detail)) = detail {
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(
+                request_id = %request_id,
+                %method,
+                %path,
+                error = %detail,
+                "management API: database unavailable"
+            );
+            return response;
+        }
         tracing::error!(
             request_id = %request_id,
             %method,
@@ -128,7 +165,11 @@ pub async fn log_internal_errors(request: Request, next: Next) -> Response {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        if e.is_unavailable() {
+            ApiError::database_unavailable(e)
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
@@ -174,6 +215,34 @@ mod tests {
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         assert_eq!(e.code(), "exceeds_parent_limit");
         assert_eq!(e.message(), "Child group exceeds parent group limit.");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_a_503_with_retry_after() {
+        let e = ApiError::from(StoreError::Database(sqlx::Error::PoolTimedOut));
+        let response = e.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+        assert_eq!(
+            response
+                .extensions()
+                .get::<InternalDetail>()
+                .map(|d| d.0.as_str()),
+            Some("database error: pool timed out while waiting for an open connection")
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({
+                "error": "The database is unavailable; retry shortly.",
+                "code": "database_unavailable",
+            })
+        );
+        // A store error that is not about reaching the database stays an opaque 500.
+        let e = ApiError::from(StoreError::Corrupt("status".into()));
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! delete) run the pure rules of `tollgate_core::hierarchy` inside one transaction, so two
 //! concurrent writes can never leave the tree in a state the rules forbid.
 
+mod availability;
 mod model;
 mod postgres;
 mod sqlite;
