@@ -21,9 +21,12 @@
 //! overshoot this scheme allows is bounded in `docs/limits.md`.
 //!
 //! [`InProcessLimiter`] serves one instance; [`RedisLimiter`] shares the counters of many
-//! instances in one Redis, one atomic script per admission (`docs/limits.md`).
+//! instances in one Redis, one atomic script per admission (`docs/limits.md`);
+//! [`FallbackLimiter`] is the Redis one with per-instance limits while Redis is
+//! unreachable (`docs/limits.md`, "Degraded mode").
 
 mod baseline;
+mod fallback;
 mod memory;
 mod redis;
 
@@ -35,6 +38,9 @@ use tollgate_core::LimitMode;
 
 pub use self::redis::RedisLimiter;
 pub use baseline::{DayBaseline, NoStoredUsage, StoreBaseline};
+pub use fallback::{
+    FallbackLimiter, FallbackSettings, DEFAULT_CALL_TIMEOUT, DEFAULT_PROBE_INTERVAL,
+};
 pub use memory::InProcessLimiter;
 
 /// What a request asks of the limiter.

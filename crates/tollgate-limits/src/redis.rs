@@ -71,6 +71,9 @@ pub struct RedisLimiter {
     /// For tests only: a clock whose time is passed to the scripts instead of the
     /// server's `TIME`, so window rules can be driven step by step.
     test_clock: Option<Arc<dyn Clock>>,
+    /// Longest wait for one Redis call of an admission, settlement or probe; `None`: the
+    /// connection's own response timeout (2 s).
+    call_timeout: Option<Duration>,
 }
 
 fn shared(error: impl std::fmt::Display) -> LimiterError {
@@ -124,7 +127,44 @@ impl RedisLimiter {
             admit_script: Script::new(ADMIT_LUA),
             adjust_script: Script::new(ADJUST_LUA),
             test_clock: None,
+            call_timeout: None,
         })
+    }
+
+    /// Every Redis call of an admission, a settlement or [`RedisLimiter::ping`] fails with
+    /// [`LimiterError::Shared`] after `timeout` (the fallback limiter uses 250 ms, so a
+    /// stalled Redis holds a request no longer than that).
+    #[must_use]
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
+        self
+    }
+
+    /// Awaits one Redis call within the call timeout.
+    async fn call<T>(
+        &self,
+        call: impl std::future::Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, LimiterError> {
+        match self.call_timeout {
+            Some(limit) => tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| shared(format!("no answer within {limit:?}")))?
+                .map_err(shared),
+            None => call.await.map_err(shared),
+        }
+    }
+
+    /// `PING`: whether Redis answers now (within the call timeout).
+    pub async fn ping(&self) -> Result<(), LimiterError> {
+        let mut connection = self.connection.clone();
+        let answer: String = self
+            .call(::redis::cmd("PING").query_async(&mut connection))
+            .await?;
+        if answer == "PONG" {
+            Ok(())
+        } else {
+            Err(shared(format!("unexpected PING answer {answer:?}")))
+        }
     }
 
     /// Keys start with `prefix` instead of `tg` (several gateways, or tests, on one Redis).
@@ -177,17 +217,15 @@ impl RedisLimiter {
         key: &CounterKey,
     ) -> Result<Option<u64>, LimiterError> {
         let mut connection = self.connection.clone();
-        let fields: HashMap<String, String> = connection
-            .hgetall(self.counter_key(tree_root, key))
-            .await
-            .map_err(shared)?;
+        let fields: HashMap<String, String> = self
+            .call(connection.hgetall(self.counter_key(tree_root, key)))
+            .await?;
         let now = match &self.test_clock {
             Some(clock) => clock.now(),
             None => {
-                let (secs, micros): (i64, i64) = ::redis::cmd("TIME")
-                    .query_async(&mut connection)
-                    .await
-                    .map_err(shared)?;
+                let (secs, micros): (i64, i64) = self
+                    .call(::redis::cmd("TIME").query_async(&mut connection))
+                    .await?;
                 Timestamp(secs * 1_000 + micros / 1_000)
             }
         };
@@ -255,10 +293,7 @@ impl RedisLimiter {
                 .arg(baseline);
         }
         let mut connection = self.connection.clone();
-        invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(shared)
+        self.call(invocation.invoke_async(&mut connection)).await
     }
 
     /// Loads the baselines of the DAY limits `missing` (1-based limit indices) for UTC day
@@ -360,11 +395,27 @@ fn decide(
 
 impl RedisLimiter {
     async fn adjust(&self, reservation: Reservation, actual_tokens: u64) {
+        if let Err(error) = self.try_adjust(reservation, actual_tokens).await {
+            tracing::warn!(
+                error = %error,
+                "shared limiter: a token reservation could not be settled; its estimate stays counted"
+            );
+        }
+    }
+
+    /// Settles (`actual_tokens`) or refunds (0) a shared reservation; an error means Redis
+    /// was not reached and the estimate stays counted. Another limiter's reservation is
+    /// left alone.
+    pub(crate) async fn try_adjust(
+        &self,
+        reservation: Reservation,
+        actual_tokens: u64,
+    ) -> Result<(), LimiterError> {
         let Debits::Redis(shared_debits) = reservation.debits else {
-            return;
+            return Ok(());
         };
         if shared_debits.debits.is_empty() {
-            return;
+            return Ok(());
         }
         let mut invocation = self.adjust_script.prepare_invoke();
         for debit in &shared_debits.debits {
@@ -376,13 +427,8 @@ impl RedisLimiter {
                 .arg(actual_tokens.to_string());
         }
         let mut connection = self.connection.clone();
-        let result: Result<i64, _> = invocation.invoke_async(&mut connection).await;
-        if let Err(error) = result {
-            tracing::warn!(
-                error = %error,
-                "shared limiter: a token reservation could not be settled; its estimate stays counted"
-            );
-        }
+        let _: i64 = self.call(invocation.invoke_async(&mut connection)).await?;
+        Ok(())
     }
 }
 
