@@ -24,6 +24,7 @@ mod limits;
 mod limits_restart;
 mod models;
 mod multi_instance;
+mod multi_instance_webhooks;
 mod sdk;
 mod server;
 mod stream_ends;

@@ -15,30 +15,30 @@ use serde_json::{json, Value};
 use sqlx::Executor as _;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tollgate_store::{PageRequest, PostgresStore, Store, UsageFilter};
 use tollgate_testkit::MockUpstream;
 
 use crate::support::{ok_json, status_json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
-const ADMIN_KEY: &str = "tgm_multiinstance_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+pub(crate) const ADMIN_KEY: &str = "tgm_multiinstance_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 /// Base64 of 32 zero bytes: the same on every instance.
 const MASTER_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-const M: &str = "acme/m";
+pub(crate) const M: &str = "acme/m";
 
 /// The shared back-ends of one test: a fresh schema and a Redis key prefix.
-struct Shared {
+pub(crate) struct Shared {
     /// The PostgreSQL URL confined to the schema.
-    database_url: String,
-    redis_url: String,
-    schema: String,
+    pub(crate) database_url: String,
+    pub(crate) redis_url: String,
+    pub(crate) schema: String,
     admin: sqlx::PgPool,
 }
 
 impl Shared {
     /// `None` (after printing why) when the back-ends are not configured.
-    async fn create(test: &str) -> Option<Shared> {
+    pub(crate) async fn create(test: &str) -> Option<Shared> {
         let (Ok(postgres), Ok(redis_url)) = (
             std::env::var("TOLLGATE_TEST_POSTGRES_URL"),
             std::env::var("TOLLGATE_TEST_REDIS_URL"),
@@ -46,10 +46,15 @@ impl Shared {
             println!("skipped {test}: set TOLLGATE_TEST_POSTGRES_URL and TOLLGATE_TEST_REDIS_URL");
             return None;
         };
+        Some(Shared::create_on(&postgres, redis_url).await)
+    }
+
+    /// A fresh schema on the PostgreSQL at `postgres` and a key prefix on `redis_url`.
+    pub(crate) async fn create_on(postgres: &str, redis_url: String) -> Shared {
         let schema = format!("tg_multi_{:016x}", rand::random::<u64>());
         let admin = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
-            .connect(&postgres)
+            .connect(postgres)
             .await
             .expect("TOLLGATE_TEST_POSTGRES_URL is set but PostgreSQL does not answer");
         admin
@@ -58,20 +63,20 @@ impl Shared {
             .unwrap();
         let separator = if postgres.contains('?') { '&' } else { '?' };
         let database_url = format!("{postgres}{separator}options=-csearch_path%3D{schema}");
-        Some(Shared {
+        Shared {
             database_url,
             redis_url,
             schema,
             admin,
-        })
+        }
     }
 
     /// The same database as the instances see it.
-    async fn store(&self) -> PostgresStore {
+    pub(crate) async fn store(&self) -> PostgresStore {
         PostgresStore::connect(&self.database_url).await.unwrap()
     }
 
-    async fn drop_schema(self) {
+    pub(crate) async fn drop_schema(self) {
         self.admin
             .execute(format!("DROP SCHEMA {} CASCADE", self.schema).as_str())
             .await
@@ -81,16 +86,24 @@ impl Shared {
 }
 
 /// One `tollgate serve` process on `127.0.0.1:0`.
-struct Instance {
-    _child: Child,
-    addr: String,
-    http: reqwest::Client,
+pub(crate) struct Instance {
+    child: Child,
+    pub(crate) addr: String,
+    pub(crate) http: reqwest::Client,
+    /// Every line the process wrote to stderr so far.
+    stderr: watch::Receiver<Vec<String>>,
 }
 
 impl Instance {
     /// Starts the binary on the shared back-ends (no inherited `TOLLGATE_*` variables)
     /// and waits for its "tollgate listening" line; fails if it exits first.
-    async fn start(shared: &Shared) -> Instance {
+    pub(crate) async fn start(shared: &Shared) -> Instance {
+        Instance::start_with(shared, &[]).await
+    }
+
+    /// [`Instance::start`] with more environment variables (`TOLLGATE_DATABASE_URL` or
+    /// `TOLLGATE_REDIS_URL` among them point it elsewhere).
+    pub(crate) async fn start_with(shared: &Shared, env: &[(&str, &str)]) -> Instance {
         let mut command = Command::new(BIN);
         for (name, _) in std::env::vars() {
             if name.starts_with("TOLLGATE_") {
@@ -107,15 +120,18 @@ impl Instance {
             .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
             .env("TOLLGATE_MASTER_KEY", MASTER_KEY)
             .env("TOLLGATE_ALLOW_PRIVATE_NETWORKS", "true")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().unwrap();
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let (send, mut log) = mpsc::unbounded_channel();
+        let (keep, stderr) = watch::channel(Vec::new());
         // Always reading, so a full pipe never blocks the gateway.
         tokio::spawn(async move {
             while let Ok(Some(line)) = lines.next_line().await {
+                keep.send_modify(|kept| kept.push(line.clone()));
                 let _ = send.send(line);
             }
         });
@@ -137,17 +153,53 @@ impl Instance {
         .await
         .expect("the gateway never listened");
         Instance {
-            _child: child,
+            child,
             addr,
             http: reqwest::Client::new(),
+            stderr,
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    async fn admin_post(&self, path: &str, body: Value) -> Value {
+    /// The process id (`None` once it was killed).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL, and waits until the process is gone.
+    pub(crate) async fn kill(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// Waits (at most `within`) for a stderr line containing `text`; returns it.
+    #[expect(dead_code, reason = "the fault tests will use it")]
+    pub(crate) async fn wait_for_log(&self, text: &str, within: Duration) -> Option<String> {
+        let mut stderr = self.stderr.clone();
+        let found = tokio::time::timeout(
+            within,
+            stderr.wait_for(|lines| lines.iter().any(|l| l.contains(text))),
+        )
+        .await;
+        match found {
+            Ok(Ok(lines)) => lines.iter().find(|l| l.contains(text)).cloned(),
+            _ => self
+                .stderr
+                .borrow()
+                .iter()
+                .find(|l| l.contains(text))
+                .cloned(),
+        }
+    }
+
+    /// Every stderr line so far, one per line.
+    pub(crate) fn stderr_text(&self) -> String {
+        self.stderr.borrow().join("\n")
+    }
+
+    pub(crate) async fn admin_post(&self, path: &str, body: Value) -> Value {
         let answer = self
             .http
             .post(self.url(path))
@@ -159,7 +211,7 @@ impl Instance {
         ok_json(answer).await
     }
 
-    async fn create_endpoint(&self, mock: &MockUpstream, target_model: &str) {
+    pub(crate) async fn create_endpoint(&self, mock: &MockUpstream, target_model: &str) {
         self.admin_post(
             "/v1/gateway/endpoints",
             json!({"slug": M, "targets": [{"provider": "OPENAI_COMPATIBLE",
@@ -169,7 +221,12 @@ impl Instance {
     }
 
     /// A group with `models` (CASCADING under `parent`) and a key of it.
-    async fn member(&self, ext: &str, parent: Option<&str>, models: Value) -> (String, String) {
+    pub(crate) async fn member(
+        &self,
+        ext: &str,
+        parent: Option<&str>,
+        models: Value,
+    ) -> (String, String) {
         let group = self
             .admin_post(
                 "/v1/gateway/groups",
@@ -191,7 +248,7 @@ impl Instance {
     }
 
     /// One chat call: status and JSON body.
-    async fn chat(&self, key: &str) -> (u16, Value) {
+    pub(crate) async fn chat(&self, key: &str) -> (u16, Value) {
         let answer = self
             .http
             .post(self.url("/v1/chat/completions"))
@@ -204,12 +261,12 @@ impl Instance {
     }
 }
 
-fn chat_body() -> Value {
+pub(crate) fn chat_body() -> Value {
     json!({"model": M, "messages": [{"role": "user", "content": "hello there world"}]})
 }
 
 /// Limits on [`M`], `(type, unit, threshold)`: DAY entries are usage limits.
-fn on_m(limits: &[(&str, &str, u64)]) -> Value {
+pub(crate) fn on_m(limits: &[(&str, &str, u64)]) -> Value {
     let entry = |(kind, unit, threshold): &(&str, &str, u64)| json!({"type": kind, "unit": unit, "threshold": threshold});
     let rate: Vec<Value> = limits.iter().filter(|l| l.1 != "DAY").map(entry).collect();
     let usage: Vec<Value> = limits.iter().filter(|l| l.1 == "DAY").map(entry).collect();
