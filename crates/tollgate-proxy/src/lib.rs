@@ -14,6 +14,7 @@ pub mod outbox;
 pub mod relay;
 pub mod request;
 mod routes;
+pub mod spool;
 pub mod tap;
 pub mod upstream;
 

@@ -9,6 +9,10 @@
 //! (`tests::events_that_arrive_during_a_write_form_the_next_batch`).
 //! [`OutboxWriter::shutdown`] waits for every commit task started through the outbox,
 //! stores whatever is queued and stops the writer: nothing handed over is lost.
+//!
+//! Started with a [`Spool`] ([`Outbox::start_spooled`]), a batch the database cannot take
+//! because it is unavailable goes to the spool file instead, and its waiters are answered
+//! once it is fsynced there; see `spool.rs` for the drain that brings it back.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +24,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tollgate_store::{Store, StoreError, UsageEvent};
+
+use crate::spool::Spool;
 
 /// Most events stored in one transaction.
 pub const MAX_BATCH: usize = 256;
@@ -33,6 +39,10 @@ pub enum CommitError {
     /// The transaction holding the event failed; every event of it failed with it.
     #[error("storing usage events failed: {0}")]
     Store(Arc<StoreError>),
+    /// The database was unavailable or events were already spooled, and appending to the
+    /// spool file failed.
+    #[error("spooling usage events to local disk failed: {0}")]
+    Spool(Arc<std::io::Error>),
     /// The outbox was shut down before the event reached it.
     #[error("the usage outbox is stopped")]
     Stopped,
@@ -59,17 +69,35 @@ pub struct OutboxWriter {
     stop: CancellationToken,
     writer: JoinHandle<()>,
     counters: Arc<Counters>,
+    /// The spool's drain task and what stops it, when there is a spool.
+    drain: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
 impl Outbox {
-    /// Starts the writer task on the current runtime.
+    /// Starts the writer task on the current runtime. A failed write fails its waiters.
     pub fn start(store: Arc<dyn Store>) -> (Outbox, OutboxWriter) {
+        Self::start_with(store, None)
+    }
+
+    /// Starts the writer task and the spool's drain task on the current runtime. A batch
+    /// the database cannot take because it is unavailable is spooled, and so is every
+    /// batch after it until the drain has emptied the spool.
+    pub fn start_spooled(store: Arc<dyn Store>, spool: Arc<Spool>) -> (Outbox, OutboxWriter) {
+        Self::start_with(store, Some(spool))
+    }
+
+    fn start_with(store: Arc<dyn Store>, spool: Option<Arc<Spool>>) -> (Outbox, OutboxWriter) {
         let (queue, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let counters = Arc::new(Counters::default());
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
+        let drain = spool.as_ref().map(|spool| {
+            let stop = CancellationToken::new();
+            (stop.clone(), spool.spawn_drain(Arc::clone(&store), stop))
+        });
         let writer = tokio::spawn(write_batches(
             store,
+            spool,
             receiver,
             stop.clone(),
             Arc::clone(&counters),
@@ -84,6 +112,7 @@ impl Outbox {
             stop,
             writer,
             counters,
+            drain,
         };
         (outbox, writer)
     }
@@ -126,12 +155,20 @@ impl OutboxWriter {
     /// Waits for every commit task started through the outbox, stores every event still
     /// queued, then stops the writer. Events handed over afterwards fail with
     /// [`CommitError::Stopped`]. Call it after the server stopped taking requests.
+    /// With a spool, the drain makes one last attempt and stops; what it could not store
+    /// stays in the spool file for the next start.
     pub async fn shutdown(self) -> OutboxStats {
         self.tasks.close();
         self.tasks.wait().await;
         self.stop.cancel();
         if let Err(e) = self.writer.await {
             tracing::error!(error = %e, "the usage event writer ended abnormally");
+        }
+        if let Some((stop, drain)) = self.drain {
+            stop.cancel();
+            if let Err(e) = drain.await {
+                tracing::error!(error = %e, "the usage spool's drain ended abnormally");
+            }
         }
         self.counters.stats()
     }
@@ -144,6 +181,7 @@ impl OutboxWriter {
 /// The writer: one batch at a time, until stopped and drained (or every sender is gone).
 async fn write_batches(
     store: Arc<dyn Store>,
+    spool: Option<Arc<Spool>>,
     mut queue: mpsc::Receiver<Pending>,
     stop: CancellationToken,
     counters: Arc<Counters>,
@@ -168,27 +206,60 @@ async fn write_batches(
         if received == 0 {
             break;
         }
-        store_batch(store.as_ref(), &mut batch, &counters).await;
+        store_batch(store.as_ref(), spool.as_deref(), &mut batch, &counters).await;
     }
 }
 
-/// Stores `batch` in one transaction and answers each of its waiters; leaves it empty.
-async fn store_batch(store: &dyn Store, batch: &mut Vec<Pending>, counters: &Counters) {
+/// Stores `batch` in one transaction (or spools it) and answers each of its waiters;
+/// leaves it empty.
+async fn store_batch(
+    store: &dyn Store,
+    spool: Option<&Spool>,
+    batch: &mut Vec<Pending>,
+    counters: &Counters,
+) {
     let (events, waiters): (Vec<UsageEvent>, Vec<_>) = batch
         .drain(..)
         .map(|pending| (pending.event, pending.committed))
         .unzip();
-    let outcome = store
-        .insert_usage_events(&events)
-        .await
-        .map_err(|e| CommitError::Store(Arc::new(e)));
-    counters.note_batch(events.len(), outcome.is_ok());
+    let outcome = commit_events(store, spool, &events, counters).await;
     if let Err(e) = &outcome {
         tracing::error!(events = events.len(), error = %e, "storing a batch of usage events failed");
     }
     for waiter in waiters {
         // A waiter that is gone belonged to a task that was cancelled; nothing to tell.
         let _ = waiter.send(outcome.clone());
+    }
+}
+
+/// Makes `events` durable: in the store, or in the spool while it is spooling or when the
+/// store is unavailable.
+async fn commit_events(
+    store: &dyn Store,
+    spool: Option<&Spool>,
+    events: &[UsageEvent],
+    counters: &Counters,
+) -> Result<(), CommitError> {
+    if let Some(spool) = spool {
+        // Behind events already spooled, never ahead of them.
+        if let Some(appended) = spool.append_if_spooling(events).await {
+            counters.note_spooled(events.len(), appended.is_ok());
+            return appended.map_err(|e| CommitError::Spool(Arc::new(e)));
+        }
+    }
+    let stored = store.insert_usage_events(events).await;
+    counters.note_batch(events.len(), stored.is_ok());
+    match (stored, spool) {
+        (Ok(()), _) => Ok(()),
+        (Err(e), Some(spool)) if e.is_unavailable() => {
+            let appended = spool.append(events, &e).await;
+            counters.note_spooled(events.len(), appended.is_ok());
+            appended.map_err(|spooling| {
+                tracing::error!(error = %spooling, "spooling usage events to local disk failed");
+                CommitError::Store(Arc::new(e))
+            })
+        }
+        (Err(e), _) => Err(CommitError::Store(Arc::new(e))),
     }
 }
 
@@ -201,6 +272,8 @@ pub struct OutboxStats {
     /// Events in those transactions.
     pub events: u64,
     pub largest_batch: u64,
+    /// Events written to the spool file instead of the database.
+    pub spooled_events: u64,
     /// Time from [`Outbox::commit`] to its answer — what the durable commit adds to a
     /// response — at the 50th and 99th percentile and the longest (0 before any).
     pub wait_p50: Duration,
@@ -214,6 +287,7 @@ struct Counters {
     failed_transactions: AtomicU64,
     events: AtomicU64,
     largest_batch: AtomicU64,
+    spooled_events: AtomicU64,
     waits: WaitHistogram,
 }
 
@@ -228,12 +302,20 @@ impl Counters {
         self.largest_batch.fetch_max(events, Ordering::Relaxed);
     }
 
+    fn note_spooled(&self, events: usize, is_spooled: bool) {
+        if is_spooled {
+            let events = u64::try_from(events).unwrap_or(u64::MAX);
+            self.spooled_events.fetch_add(events, Ordering::Relaxed);
+        }
+    }
+
     fn stats(&self) -> OutboxStats {
         OutboxStats {
             transactions: self.transactions.load(Ordering::Relaxed),
             failed_transactions: self.failed_transactions.load(Ordering::Relaxed),
             events: self.events.load(Ordering::Relaxed),
             largest_batch: self.largest_batch.load(Ordering::Relaxed),
+            spooled_events: self.spooled_events.load(Ordering::Relaxed),
             wait_p50: self.waits.quantile(0.50),
             wait_p99: self.waits.quantile(0.99),
             wait_max: Duration::from_micros(self.waits.max.load(Ordering::Relaxed)),
@@ -331,7 +413,7 @@ mod tests {
     use sqlx::{Connection as _, SqliteConnection};
     use tollgate_core::ids::{new_id, IdKind};
     use tollgate_core::Timestamp;
-    use tollgate_store::{PageRequest, SqliteStore, UsageFilter, UsageStatus};
+    use tollgate_store::{PageRequest, PostgresStore, SqliteStore, UsageFilter, UsageStatus};
 
     /// A SQLite file in a directory of its own, removed on drop.
     struct TempDb {
@@ -580,6 +662,104 @@ mod tests {
         // Handed over after the shutdown: refused at once, never left waiting.
         let late = tokio::time::timeout(Duration::from_secs(1), outbox.commit(event(99))).await;
         assert!(matches!(late, Ok(Err(CommitError::Stopped))), "{late:?}");
+    }
+
+    /// Waits (at most 60 s) until the spool's drain has emptied it.
+    async fn until_drained(spool: &Spool) {
+        for _ in 0..600 {
+            if !spool.is_spooling().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the spool was never drained");
+    }
+
+    /// SQLite locked by another process past its busy timeout: the batch is spooled and
+    /// its waiters told it is durable; once the lock is gone every event is stored once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_locked_database_spools_and_every_event_arrives_once() {
+        let db = TempDb::new().await;
+        let spool = Arc::new(Spool::open(db.dir.join("spool")).await.unwrap());
+        let (outbox, writer) = Outbox::start_spooled(db.store(), Arc::clone(&spool));
+        outbox.commit(event(0)).await.unwrap();
+        let lock = hold_write_lock(&db).await;
+        // Waits out the busy timeout, then goes to the spool: still a success.
+        outbox.commit(event(1)).await.unwrap();
+        assert!(spool.is_spooling().await);
+        let mut commits = Vec::new();
+        for n in 2..=40 {
+            let outbox = outbox.clone();
+            commits.push(tokio::spawn(async move { outbox.commit(event(n)).await }));
+        }
+        for commit in commits {
+            commit.await.unwrap().unwrap();
+        }
+        release_write_lock(lock).await;
+        until_drained(&spool).await;
+        outbox.commit(event(41)).await.unwrap();
+        let stored = db.stored().await;
+        assert_eq!(stored.len(), 42);
+        let mut keys: Vec<&str> = stored.iter().map(|e| e.idempotency_key.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), 42);
+        // In commit order: 0 directly, 1 first into the spool, 41 after the drain.
+        assert_eq!(stored[0], event(0));
+        assert_eq!(stored[1], event(1));
+        assert_eq!(stored[41], event(41));
+        let stats = writer.shutdown().await;
+        assert_eq!((stats.spooled_events, stats.failed_transactions), (40, 1));
+    }
+
+    /// A real PostgreSQL stopped as by a crash and started again on the same port.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_committed_while_postgres_is_down_are_all_stored_when_it_returns() {
+        let mut server = match tollgate_testkit::PostgresServer::start().await {
+            Ok(server) => server,
+            Err(e) => {
+                println!("skipped: no PostgreSQL server to start: {e}");
+                return;
+            }
+        };
+        let store = Arc::new(PostgresStore::connect(&server.url()).await.unwrap());
+        let dir = std::env::temp_dir().join(new_id(IdKind::Event));
+        let spool = Arc::new(Spool::open(&dir).await.unwrap());
+        let (outbox, writer) = Outbox::start_spooled(store.clone(), Arc::clone(&spool));
+        for n in 0..10 {
+            outbox.commit(event(n)).await.unwrap();
+        }
+        server.stop().await.unwrap();
+        let mut commits = Vec::new();
+        for n in 10..310 {
+            let outbox = outbox.clone();
+            commits.push(tokio::spawn(async move { outbox.commit(event(n)).await }));
+        }
+        for commit in commits {
+            commit.await.unwrap().unwrap();
+        }
+        assert!(spool.is_spooling().await);
+        server.start_again().await.unwrap();
+        until_drained(&spool).await;
+        let stats = writer.shutdown().await;
+        assert_eq!(stats.spooled_events, 300);
+        let page = PageRequest {
+            limit: 10_000,
+            after: None,
+        };
+        let stored = store
+            .list_usage_events(&UsageFilter::default(), page)
+            .await
+            .unwrap()
+            .items;
+        let mut keys: Vec<String> = stored.into_iter().map(|e| e.idempotency_key).collect();
+        assert_eq!(keys.len(), 310);
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 310);
+        store.close().await;
+        drop(spool);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
