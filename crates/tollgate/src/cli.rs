@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// need distinct prefixes.
     #[arg(long = "redis-key-prefix", env = "TOLLGATE_REDIS_KEY_PREFIX")]
     pub redis_key_prefix: Option<String>,
+    /// How many instances share the Redis: while Redis is unreachable each instance
+    /// enforces every limit divided by this [default: 1].
+    #[arg(long = "expected-instances", env = "TOLLGATE_EXPECTED_INSTANCES")]
+    pub expected_instances: Option<u64>,
     /// A `manage` key of workspace `default`, at least 32 characters, valid on every start.
     #[arg(long = "admin-key", env = "TOLLGATE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,

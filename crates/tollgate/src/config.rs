@@ -35,6 +35,9 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Redis keys start with this instead of `tg` (several deployments on one Redis).
     pub redis_key_prefix: Option<String>,
+    /// Instances sharing the Redis; while it is unreachable each enforces every limit
+    /// divided by this (`docs/limits.md`, "Degraded mode").
+    pub expected_instances: std::num::NonZeroU64,
     pub admin_key: Option<String>,
     /// 32 bytes; `None` = read or generate the key file next to the SQLite database
     /// (required with PostgreSQL).
@@ -74,6 +77,7 @@ impl std::fmt::Debug for Config {
             .field("database_url", &self.database_url)
             .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
             .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("expected_instances", &self.expected_instances)
             .field("admin_key", &self.admin_key.as_ref().map(|_| "<set>"))
             .field("master_key", &self.master_key.as_ref().map(|_| "<set>"))
             .field("allow_private_networks", &self.allow_private_networks)
@@ -117,6 +121,13 @@ impl Config {
         if redis_key_prefix.as_deref() == Some("") {
             bail!("redis key prefix must not be empty");
         }
+        let expected_instances = args
+            .expected_instances
+            .or(file.expected_instances)
+            .unwrap_or(1);
+        let Some(expected_instances) = std::num::NonZeroU64::new(expected_instances) else {
+            bail!("expected_instances must be at least 1");
+        };
         let admin_key = args.admin_key.or(file.admin_key);
         if let Some(key) = &admin_key {
             if key.chars().count() < MIN_ADMIN_KEY_LEN {
@@ -162,6 +173,7 @@ impl Config {
             database_url,
             redis_url,
             redis_key_prefix,
+            expected_instances,
             admin_key,
             master_key,
             allow_private_networks: args
@@ -257,6 +269,7 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub database_url: Option<String>,
     pub redis_url: Option<String>,
+    pub expected_instances: Option<u64>,
     pub admin_key: Option<String>,
     pub master_key: Option<String>,
     pub allow_private_networks: Option<bool>,
@@ -333,6 +346,24 @@ mod tests {
             Some("redis://127.0.0.1:6379/2")
         );
         assert_eq!(config.redis_key_prefix.as_deref(), Some("tg-a"));
+        assert_eq!(config.expected_instances.get(), 1);
+        let args = ServeArgs {
+            expected_instances: Some(3),
+            ..ServeArgs::default()
+        };
+        let file: FileConfig = toml::from_str("expected_instances = 5\n").unwrap();
+        assert_eq!(
+            Config::resolve(args, file).unwrap().expected_instances.get(),
+            3
+        );
+        let file: FileConfig = toml::from_str("expected_instances = 5\n").unwrap();
+        assert_eq!(
+            Config::resolve(ServeArgs::default(), file)
+                .unwrap()
+                .expected_instances
+                .get(),
+            5
+        );
         let file: FileConfig = toml::from_str("redis_url = \"rediss://cache:6380\"\n").unwrap();
         let config = Config::resolve(ServeArgs::default(), file).unwrap();
         assert_eq!(config.redis_url.as_deref(), Some("rediss://cache:6380"));
@@ -351,6 +382,13 @@ mod tests {
                     ..ServeArgs::default()
                 },
                 "redis key prefix must not be empty",
+            ),
+            (
+                ServeArgs {
+                    expected_instances: Some(0),
+                    ..ServeArgs::default()
+                },
+                "expected_instances must be at least 1",
             ),
         ] {
             let e = Config::resolve(args, FileConfig::default()).unwrap_err();

@@ -42,6 +42,8 @@ pub struct RunningServer {
     webhooks: tollgate_billing::DeliveryWorker,
     /// Keeps the demo's mock model running as long as the server.
     _demo: Option<tollgate_testkit::MockUpstream>,
+    /// What `GET /metrics` renders.
+    metrics: tollgate_metrics::Metrics,
 }
 
 impl RunningServer {
@@ -51,6 +53,11 @@ impl RunningServer {
 
     pub fn store(&self) -> Arc<dyn Store> {
         self.store.clone()
+    }
+
+    /// The server's metrics, as `GET /metrics` renders them.
+    pub fn metrics(&self) -> &tollgate_metrics::Metrics {
+        &self.metrics
     }
 
     /// Stops accepting, lets in-flight requests finish, flushes the usage outbox, closes
@@ -136,16 +143,23 @@ pub async fn start_with_clock(
     // DAY counters start each day from the usage already stored, so a restart never
     // resets a customer's day.
     let baseline = Arc::new(tollgate_limits::StoreBaseline::new(store.clone()));
+    let metrics = tollgate_metrics::Metrics::new();
+    // With Redis: shared counters, per-instance limits while Redis is unreachable (a start
+    // with Redis down included; docs/limits.md, "Degraded mode").
     let limiter: Arc<dyn tollgate_limits::Limiter> = match &config.redis_url {
         Some(url) => {
-            let mut redis = tollgate_limits::RedisLimiter::connect(url, baseline)
-                .await
-                .map_err(|e| anyhow::anyhow!("redis: cannot connect: {e}"))?;
-            if let Some(prefix) = &config.redis_key_prefix {
-                redis = redis.with_key_prefix(prefix);
-            }
-            tracing::info!("rate counters shared in Redis");
-            Arc::new(redis)
+            let mut settings = tollgate_limits::FallbackSettings::new(url);
+            settings.key_prefix = config.redis_key_prefix.clone();
+            settings.expected_instances = config.expected_instances;
+            let limiter = tollgate_limits::FallbackLimiter::start(
+                settings,
+                clock.clone(),
+                baseline,
+                metrics.limiter().clone(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("redis: {e}"))?;
+            Arc::new(limiter)
         }
         None => Arc::new(tollgate_limits::InProcessLimiter::new(
             clock.clone(),
@@ -168,6 +182,7 @@ pub async fn start_with_clock(
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz).with_state(store.clone()))
+        .route("/metrics", get(render_metrics).with_state(metrics.clone()))
         .merge(admin)
         .merge(proxy)
         .fallback(not_found)
@@ -225,6 +240,7 @@ pub async fn start_with_clock(
         outbox: outbox_writer,
         webhooks,
         _demo: demo,
+        metrics,
     })
 }
 
@@ -255,6 +271,20 @@ async fn readyz(axum::extract::State(store): axum::extract::State<Arc<dyn Store>
                 .into_response()
         }
     }
+}
+
+/// Prometheus text; unauthenticated like `/healthz` (counts only, no keys, no secrets).
+async fn render_metrics(
+    axum::extract::State(metrics): axum::extract::State<tollgate_metrics::Metrics>,
+) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(tollgate_metrics::CONTENT_TYPE),
+        )],
+        metrics.render(),
+    )
+        .into_response()
 }
 
 /// Unknown routes: the management API's error shape under `/v1/gateway`, OpenAI's

@@ -22,6 +22,7 @@ mod durability;
 mod events_api;
 mod limits;
 mod limits_restart;
+mod metrics;
 mod models;
 mod multi_instance;
 mod multi_instance_webhooks;

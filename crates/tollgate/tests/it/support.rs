@@ -35,6 +35,7 @@ pub fn test_config(dir: &TempDir) -> Config {
         database_url: format!("sqlite://{}", dir.path().join("tollgate.db").display()),
         redis_url: None,
         redis_key_prefix: None,
+        expected_instances: std::num::NonZeroU64::MIN,
         admin_key: Some(format!("tgm_testadmin{}", "k".repeat(40))),
         master_key: Some([42; 32]),
         allow_private_networks: true,
