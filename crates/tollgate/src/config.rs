@@ -353,7 +353,10 @@ mod tests {
         };
         let file: FileConfig = toml::from_str("expected_instances = 5\n").unwrap();
         assert_eq!(
-            Config::resolve(args, file).unwrap().expected_instances.get(),
+            Config::resolve(args, file)
+                .unwrap()
+                .expected_instances
+                .get(),
             3
         );
         let file: FileConfig = toml::from_str("expected_instances = 5\n").unwrap();
