@@ -590,6 +590,35 @@ mod tests {
         assert!(metrics.render().contains("\ntollgate_limiter_shared 1\n"));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_requests_meeting_the_outage_switch_once_and_admit_exactly_the_share() {
+        let mut redis = RedisServer::start().await.unwrap();
+        let metrics = Metrics::new();
+        let limiter = Arc::new(limiter(&redis, 2, &metrics, Arc::new(NoStoredUsage)).await);
+        redis.stop().await.unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(20));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (limiter, barrier) = (limiter.clone(), barrier.clone());
+            tasks.spawn(async move {
+                let limits = [limit(LimitType::Request, 10)];
+                barrier.wait().await;
+                match limiter.admit(request(&limits, 1)).await.unwrap() {
+                    Decision::Admitted { reservation, .. } => {
+                        limiter.settle(reservation, 1).await;
+                        true
+                    }
+                    Decision::Refused(_) => false,
+                }
+            });
+        }
+        let admitted = tasks.join_all().await.into_iter().filter(|a| *a).count();
+        assert_eq!(admitted, 5, "10 / 2 on this instance");
+        assert_eq!(metrics.limiter().fallback_switches(), 1);
+        assert_eq!(metrics.limiter().shared(), 0);
+        assert_eq!(in_local(&limiter, &limit(LimitType::Request, 10)), Some(5));
+    }
+
     #[tokio::test]
     async fn a_reservation_settles_on_the_limiter_that_admitted_it() {
         let mut redis = RedisServer::start().await.unwrap();

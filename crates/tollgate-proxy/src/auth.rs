@@ -40,7 +40,7 @@ pub async fn authenticate(store: &dyn Store, headers: &HeaderMap) -> Result<Call
     let grant = store
         .resolve_api_key(prefix)
         .await
-        .map_err(|e| ProxyError::Internal(format!("resolving an API key: {e}")))?
+        .map_err(|e| ProxyError::from_store("resolving an API key", &e))?
         .ok_or(ProxyError::InvalidKey)?;
     if !key_matches(key, &grant.key.hash) || !grant.workspace.is_enabled {
         return Err(ProxyError::InvalidKey);

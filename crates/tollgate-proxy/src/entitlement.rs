@@ -26,7 +26,7 @@ pub async fn entitlement(
     let endpoint = store
         .endpoint_by_slug(slug)
         .await
-        .map_err(|e| ProxyError::Internal(format!("reading endpoint {slug}: {e}")))?
+        .map_err(|e| ProxyError::from_store(&format!("reading endpoint {slug}"), &e))?
         .filter(|endpoint| endpoint.workspace_id == caller.workspace_id)
         .ok_or_else(not_found)?;
     Ok(Entitlement { endpoint, limits })

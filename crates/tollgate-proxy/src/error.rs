@@ -2,7 +2,8 @@
 //! (`{"error": {"message", "type", "param", "code"}}`).
 //!
 //! Caller mistakes map to a 4xx with a stable `code`; upstream failures to 502 / 504;
-//! anything internal is logged once, with the request id, and answered as an opaque 500.
+//! a configuration or limit store that cannot be read to an opaque 503; anything else
+//! internal is logged once, with the request id, and answered as an opaque 500.
 
 use std::time::Duration;
 
@@ -47,6 +48,11 @@ pub enum ProxyError {
     /// was admitted. The context is logged, the caller gets an opaque 503.
     #[error("limits unavailable: {0}")]
     LimitsUnavailable(String),
+    /// The configuration a request needs could not be read (an API key not yet in memory
+    /// while the database is unreachable). The database's loss is logged once by the
+    /// configuration mirror; the caller gets an opaque 503.
+    #[error("configuration unavailable: {0}")]
+    ConfigUnavailable(String),
     /// Never shown: the context is logged, the caller gets an opaque 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -57,6 +63,16 @@ impl ProxyError {
         ProxyError::BadRequest {
             message: message.into(),
             param,
+        }
+    }
+
+    /// A store failure while doing `context`: 503 when the database is unavailable (the
+    /// request may succeed shortly), 500 otherwise.
+    pub fn from_store(context: &str, error: &tollgate_store::StoreError) -> Self {
+        if error.is_unavailable() {
+            ProxyError::ConfigUnavailable(format!("{context}: {error}"))
+        } else {
+            ProxyError::Internal(format!("{context}: {error}"))
         }
     }
 
@@ -73,7 +89,9 @@ impl ProxyError {
             | ProxyError::UpstreamAuthFailed(_)
             | ProxyError::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::LimitsUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::LimitsUnavailable(_) | ProxyError::ConfigUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -93,6 +111,7 @@ impl ProxyError {
             ProxyError::UpstreamAuthFailed(_) => ("upstream_error", "upstream_auth_failed"),
             ProxyError::UpstreamInvalid => ("upstream_error", "upstream_invalid_response"),
             ProxyError::LimitsUnavailable(_) => ("server_error", "limits_unavailable"),
+            ProxyError::ConfigUnavailable(_) => ("server_error", "service_unavailable"),
             ProxyError::Internal(_) => ("server_error", "internal_error"),
         }
     }
@@ -105,6 +124,9 @@ impl ProxyError {
             }
             ProxyError::LimitsUnavailable(context) => {
                 tracing::error!(request_id, error = %context, "limits could not be checked");
+            }
+            ProxyError::ConfigUnavailable(context) => {
+                tracing::debug!(request_id, error = %context, "configuration could not be read");
             }
             ProxyError::UpstreamAuthFailed(status) => {
                 tracing::warn!(
@@ -130,6 +152,9 @@ impl IntoResponse for ProxyError {
             ProxyError::Internal(_) => "Internal error.".to_owned(),
             ProxyError::LimitsUnavailable(_) => {
                 "Limits could not be checked; retry shortly.".to_owned()
+            }
+            ProxyError::ConfigUnavailable(_) => {
+                "The gateway cannot read its configuration right now; retry shortly.".to_owned()
             }
             other => other.to_string(),
         };
@@ -262,6 +287,31 @@ mod tests {
                 "code": "limits_unavailable",
             }})
         );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_configuration_is_an_opaque_503() {
+        let (status, body) = parts(ProxyError::ConfigUnavailable("pool timed out".into())).await;
+        assert_eq!(status, 503);
+        assert_eq!(
+            body,
+            json!({"error": {
+                "message": "The gateway cannot read its configuration right now; retry shortly.",
+                "type": "server_error",
+                "param": null,
+                "code": "service_unavailable",
+            }})
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_store_is_503_and_a_broken_one_500() {
+        let down = tollgate_store::StoreError::Database(sqlx::Error::PoolTimedOut);
+        let (status, _) = parts(ProxyError::from_store("resolving an API key", &down)).await;
+        assert_eq!(status, 503);
+        let corrupt = tollgate_store::StoreError::Corrupt("bad targets".into());
+        let (status, _) = parts(ProxyError::from_store("resolving an API key", &corrupt)).await;
+        assert_eq!(status, 500);
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 //! concurrent writes can never leave the tree in a state the rules forbid.
 
 mod availability;
+mod mirror;
 mod model;
 mod postgres;
 mod sqlite;
@@ -13,6 +14,7 @@ mod sqlite;
 use async_trait::async_trait;
 use tollgate_core::Timestamp;
 
+pub use mirror::{MirrorOptions, MirrorStats, MirroredStore, Refresher};
 pub use model::*;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

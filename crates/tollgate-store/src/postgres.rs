@@ -129,6 +129,15 @@ impl PostgresStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    /// A connection of the pool listening on the configuration change channel
+    /// (`tollgate_config`, every change's `seq` as the payload): what wakes a
+    /// `MirroredStore`'s refresher. It holds one of the pool's connections until dropped.
+    pub async fn listen_for_config_changes(&self) -> StoreResult<sqlx::postgres::PgListener> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(changes::CHANNEL).await?;
+        Ok(listener)
+    }
 }
 
 /// `schema` as a quoted SQL identifier (`"a""b"` for `a"b`).

@@ -34,6 +34,8 @@ pub struct RunningServer {
     store: Arc<dyn Store>,
     /// Closed last, after the outbox and the webhook worker.
     database: Database,
+    /// Keeps the in-memory configuration caught up; stopped before the database closes.
+    refresher: tollgate_store::Refresher,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
     /// Stopped after the last request, before the store closes.
@@ -98,6 +100,7 @@ impl RunningServer {
         );
         // Deliveries are durable: one abandoned now is sent, same id and bytes, on restart.
         self.webhooks.shutdown().await;
+        self.refresher.stop().await;
         self.database.close().await;
         served?
     }
@@ -122,7 +125,19 @@ pub async fn start_with_clock(
         );
     }
     let database = Database::open(&config.database_url).await?;
-    let store = database.store();
+    // Every part of the server reads and writes through the mirror: the data plane's
+    // configuration reads come from memory (docs/ARCHITECTURE.md, "Configuration mirror").
+    let mirror = tollgate_store::MirroredStore::load(
+        database.store(),
+        tollgate_store::MirrorOptions::default(),
+    )
+    .await
+    .context("loading the configuration into memory")?;
+    let refresher = mirror.start_refresher(match &database {
+        Database::Postgres(postgres) => Some(postgres.as_ref().clone()),
+        Database::Sqlite(_) => None,
+    });
+    let store: Arc<dyn Store> = mirror;
     let master_key = match config.master_key {
         Some(key) => key,
         None => load_or_create_master_key(&config.database_url).await?,
@@ -235,6 +250,7 @@ pub async fn start_with_clock(
         addr,
         store,
         database,
+        refresher,
         stop: Some(stop),
         task,
         outbox: outbox_writer,

@@ -437,8 +437,9 @@ async fn worked_example_cascading_with_the_siblings_on_different_instances() {
     shared.drop_schema().await;
 }
 
-/// C12's first half: a key revoked through one instance is refused by the other on its
-/// next call (no instance caches keys, so the delay is one round trip).
+/// C12's first half: a key revoked through one instance is refused by the other. The
+/// other instance has the key cached (it served a call with it first); the revocation
+/// reaches its memory through the change log's notification (`MirroredStore`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c12_a_key_revoked_on_one_instance_is_refused_by_the_other() {
     let Some((shared, _mock, one, two)) = two_instances(
@@ -461,11 +462,128 @@ async fn c12_a_key_revoked_on_one_instance_is_refused_by_the_other() {
         .unwrap();
     let revoked_at = Instant::now();
     assert_eq!(ok_json(revoked).await, json!({"prefix": prefix}));
-    let (status, body) = two.chat(&key).await;
-    let delay = revoked_at.elapsed();
-    assert_eq!(status, 401, "{body}");
-    println!("c12: revocation through instance 1 refused by instance 2 after {delay:?}");
+    let delay = models_until(&two, &key, revoked_at, |status, _| status == 401).await;
+    println!(
+        "C12 propagation: key revocation reached the other instance in {} ms",
+        delay.as_millis()
+    );
     assert!(delay < Duration::from_secs(1), "{delay:?}");
+    let (status, body) = two.chat(&key).await;
+    assert_eq!(status, 401, "{body}");
     drop((one, two));
     shared.drop_schema().await;
+}
+
+/// A group deleted through one instance: the keys of its subtree, cached on the other,
+/// are refused there within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c12_propagation_of_a_group_delete() {
+    let Some((shared, _mock, one, two)) = two_instances(
+        "c12_propagation_of_a_group_delete",
+        "echo?prompt_tokens=5&completion_tokens=5",
+    )
+    .await
+    else {
+        return;
+    };
+    let (root, _) = one.member("root", None, on_m(&[])).await;
+    let (_child, key) = one.member("child", Some(&root), on_m(&[])).await;
+    assert_eq!(two.chat(&key).await.0, 200);
+    let deleted = one
+        .http
+        .delete(one.url(&format!("/v1/gateway/groups/{root}")))
+        .header("Authorization", format!("Api-Key {ADMIN_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    let deleted_at = Instant::now();
+    assert_eq!(ok_json(deleted).await["id"], root.as_str());
+    let delay = models_until(&two, &key, deleted_at, |status, _| status == 401).await;
+    println!(
+        "C12 propagation: group delete reached the other instance in {} ms",
+        delay.as_millis()
+    );
+    assert!(delay < Duration::from_secs(1), "{delay:?}");
+    let (status, body) = two.chat(&key).await;
+    assert_eq!(status, 401, "{body}");
+    drop((one, two));
+    shared.drop_schema().await;
+}
+
+/// An endpoint deleted through one instance leaves the other's model list, and calls to
+/// it there are 404, within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c12_propagation_of_an_endpoint_delete() {
+    let Some((shared, _mock, one, two)) = two_instances(
+        "c12_propagation_of_an_endpoint_delete",
+        "echo?prompt_tokens=5&completion_tokens=5",
+    )
+    .await
+    else {
+        return;
+    };
+    let (_group, key) = one.member("ep", None, on_m(&[])).await;
+    assert_eq!(two.chat(&key).await.0, 200);
+    let listed = one
+        .http
+        .get(one.url("/v1/gateway/endpoints"))
+        .header("Authorization", format!("Api-Key {ADMIN_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    let id = ok_json(listed).await["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let deleted = one
+        .http
+        .delete(one.url(&format!("/v1/gateway/endpoints/{id}")))
+        .header("Authorization", format!("Api-Key {ADMIN_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    let deleted_at = Instant::now();
+    assert_eq!(deleted.status(), 200);
+    let delay = models_until(&two, &key, deleted_at, |status, body| {
+        status == 200 && body["data"] == json!([])
+    })
+    .await;
+    println!(
+        "C12 propagation: endpoint delete reached the other instance in {} ms",
+        delay.as_millis()
+    );
+    assert!(delay < Duration::from_secs(1), "{delay:?}");
+    let (status, body) = two.chat(&key).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found");
+    drop((one, two));
+    shared.drop_schema().await;
+}
+
+/// Calls `GET /v1/models` on `instance` with `key` every 20 ms until `is_done` holds for
+/// its answer; the time from `since` to that answer. Gives up after 10 s.
+async fn models_until(
+    instance: &Instance,
+    key: &str,
+    since: Instant,
+    is_done: impl Fn(u16, &Value) -> bool,
+) -> Duration {
+    loop {
+        let answer = instance
+            .http
+            .get(instance.url("/v1/models"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = status_json(answer).await;
+        if is_done(status, &body) {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "no change after 10 s: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
