@@ -62,6 +62,7 @@ pub struct Spool {
     /// Held (locked) for as long as the spool lives: tells other processes the owner of
     /// `dir` is alive.
     _lock: std::fs::File,
+    lock_path: PathBuf,
 }
 
 #[derive(Default)]
@@ -192,6 +193,7 @@ impl Spool {
             state: tokio::sync::Mutex::new(state),
             activated: Notify::new(),
             _lock: opened.lock,
+            lock_path: opened.lock_path,
         })
     }
 
@@ -381,10 +383,26 @@ impl Spool {
     }
 }
 
+impl Drop for Spool {
+    /// An empty spool leaves nothing behind: its directory, then its lock (in that order,
+    /// so a directory is never left without the lock that lets a later start adopt it).
+    /// A spool still holding events keeps both for the next start to replay.
+    fn drop(&mut self) {
+        let is_empty = self
+            .state
+            .try_lock()
+            .is_ok_and(|state| !state.is_spooling());
+        if is_empty && std::fs::remove_dir(&self.dir).is_ok() {
+            let _ = std::fs::remove_file(&self.lock_path);
+        }
+    }
+}
+
 /// What [`open_blocking`] found.
 struct Opened {
     dir: PathBuf,
     lock: std::fs::File,
+    lock_path: PathBuf,
     sealed: VecDeque<PathBuf>,
 }
 
@@ -407,7 +425,8 @@ fn open_blocking(root: &Path) -> io::Result<Opened> {
     let hidden = root.join(format!(".{owner}.lock.new"));
     let lock = private_file_options().open(&hidden)?;
     lock.try_lock().map_err(io::Error::from)?;
-    std::fs::rename(&hidden, root.join(format!("{owner}.lock")))?;
+    let lock_path = root.join(format!("{owner}.lock"));
+    std::fs::rename(&hidden, &lock_path)?;
     let dir = root.join(&owner);
     builder.recursive(false).create(&dir)?;
 
@@ -454,7 +473,12 @@ fn open_blocking(root: &Path) -> io::Result<Opened> {
     }
     sync_dir(&dir)?;
     sync_dir(root)?;
-    Ok(Opened { dir, lock, sealed })
+    Ok(Opened {
+        dir,
+        lock,
+        lock_path,
+        sealed,
+    })
 }
 
 /// The `.jsonl` files of `dir` in name (= append) order; none when `dir` is gone.
@@ -689,6 +713,17 @@ mod tests {
             read_segment(&dir.spool().join(&files[0])).await.unwrap(),
             events(0..5)
         );
+    }
+
+    #[tokio::test]
+    async fn an_empty_spool_leaves_nothing_behind_and_a_full_one_stays() {
+        let dir = TempDir::new();
+        drop(Spool::open(dir.spool()).await.unwrap());
+        assert!(dir.listing().is_empty(), "{:?}", dir.listing());
+        let spool = Spool::open(dir.spool()).await.unwrap();
+        spool.append(&events(0..2), &unavailable()).await.unwrap();
+        drop(spool);
+        assert_eq!(dir.listing().len(), 3, "{:?}", dir.listing());
     }
 
     #[cfg(unix)]

@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// Database URL [default: sqlite://tollgate.db].
     #[arg(long, env = "TOLLGATE_DATABASE_URL")]
     pub database: Option<String>,
+    /// Directory where usage events wait while the database is unreachable [default:
+    /// `tollgate-spool` beside the SQLite file; ./tollgate-spool with PostgreSQL].
+    #[arg(long = "spool-dir", env = "TOLLGATE_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
     /// Redis URL for shared rate counters (unset: in-process limiter).
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
     pub redis: Option<String>,

@@ -4,7 +4,7 @@
 //! error, never silently ignored.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -31,6 +31,9 @@ pub enum LogFormat {
 pub struct Config {
     pub listen: SocketAddr,
     pub database_url: String,
+    /// The usage spool's directory; `None` = `tollgate-spool` beside the SQLite file, or
+    /// `./tollgate-spool` with PostgreSQL (none for an in-memory database).
+    pub spool_dir: Option<PathBuf>,
     /// Shared rate counters (`redis://...`); `None` = the in-process limiter.
     pub redis_url: Option<String>,
     /// Redis keys start with this instead of `tg` (several deployments on one Redis).
@@ -75,6 +78,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("database_url", &self.database_url)
+            .field("spool_dir", &self.spool_dir)
             .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("expected_instances", &self.expected_instances)
@@ -168,9 +172,17 @@ impl Config {
             .or(file.database_url)
             .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
         check_database_url(&database_url)?;
+        let spool_dir = args.spool_dir.or(file.spool_dir);
+        if spool_dir
+            .as_ref()
+            .is_some_and(|dir| dir.as_os_str().is_empty())
+        {
+            bail!("spool_dir must not be empty");
+        }
         Ok(Self {
             listen,
             database_url,
+            spool_dir,
             redis_url,
             redis_key_prefix,
             expected_instances,
@@ -268,6 +280,7 @@ pub fn parse_master_key(text: &str) -> anyhow::Result<[u8; 32]> {
 pub struct FileConfig {
     pub listen: Option<String>,
     pub database_url: Option<String>,
+    pub spool_dir: Option<PathBuf>,
     pub redis_url: Option<String>,
     pub expected_instances: Option<u64>,
     pub admin_key: Option<String>,
@@ -471,6 +484,27 @@ mod tests {
             let error = Config::resolve(args, FileConfig::default()).unwrap_err();
             assert_eq!(error.to_string(), message);
         }
+    }
+
+    #[test]
+    fn the_spool_dir_comes_from_flags_or_the_file() {
+        assert_eq!(Config::defaults().unwrap().spool_dir, None);
+        let file: FileConfig = toml::from_str("spool_dir = \"/var/spool/tg\"\n").unwrap();
+        let config = Config::resolve(ServeArgs::default(), file).unwrap();
+        assert_eq!(config.spool_dir, Some(PathBuf::from("/var/spool/tg")));
+        let args = ServeArgs {
+            spool_dir: Some(PathBuf::from("here")),
+            ..ServeArgs::default()
+        };
+        let file: FileConfig = toml::from_str("spool_dir = \"/var/spool/tg\"\n").unwrap();
+        let config = Config::resolve(args, file).unwrap();
+        assert_eq!(config.spool_dir, Some(PathBuf::from("here")));
+        let empty = ServeArgs {
+            spool_dir: Some(PathBuf::new()),
+            ..ServeArgs::default()
+        };
+        let e = Config::resolve(empty, FileConfig::default()).unwrap_err();
+        assert_eq!(e.to_string(), "spool_dir must not be empty");
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl RunningServer {
             transactions = usage.transactions,
             failed_transactions = usage.failed_transactions,
             largest_batch = usage.largest_batch,
+            spooled_events = usage.spooled_events,
             commit_wait_p50_us = usage.wait_p50.as_micros(),
             commit_wait_p99_us = usage.wait_p99.as_micros(),
             commit_wait_max_us = usage.wait_max.as_micros(),
@@ -181,7 +182,15 @@ pub async fn start_with_clock(
             baseline,
         )),
     };
-    let (outbox, outbox_writer) = Outbox::start(store.clone());
+    let (outbox, outbox_writer) = match spool_dir(&config) {
+        Some(dir) => {
+            let spool = tollgate_proxy::spool::Spool::open(&dir)
+                .await
+                .with_context(|| format!("opening the usage spool {}", dir.display()))?;
+            Outbox::start_spooled(store.clone(), Arc::new(spool))
+        }
+        None => Outbox::start(store.clone()),
+    };
     let proxy = tollgate_proxy::router(tollgate_proxy::ProxyState {
         store: store.clone(),
         clock: clock.clone(),
@@ -320,6 +329,21 @@ async fn not_found(uri: Uri) -> Response {
     (StatusCode::NOT_FOUND, Json(body)).into_response()
 }
 
+/// Where usage events wait while the database is unreachable: `--spool-dir`, else
+/// `tollgate-spool` beside the SQLite file, else `./tollgate-spool` with PostgreSQL. An
+/// in-memory database has none unless one is given.
+fn spool_dir(config: &Config) -> Option<PathBuf> {
+    if let Some(dir) = &config.spool_dir {
+        return Some(dir.clone());
+    }
+    if crate::config::is_postgres_url(&config.database_url) {
+        return Some(PathBuf::from("tollgate-spool"));
+    }
+    let db = sqlite_path(&config.database_url)?;
+    let dir = db.parent().filter(|p| !p.as_os_str().is_empty());
+    Some(dir.unwrap_or(Path::new(".")).join("tollgate-spool"))
+}
+
 /// The SQLite file's path, or `None` for an in-memory database.
 fn sqlite_path(url: &str) -> Option<PathBuf> {
     let rest = url
@@ -390,5 +414,22 @@ mod tests {
             Some(PathBuf::from("x.db"))
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
+    }
+
+    #[test]
+    fn spool_dirs() {
+        let mut config = Config::defaults().unwrap();
+        let cases = [
+            ("sqlite://tollgate.db", Some("./tollgate-spool")),
+            ("sqlite:///var/lib/t.db", Some("/var/lib/tollgate-spool")),
+            ("postgres://db/x", Some("tollgate-spool")),
+            ("sqlite::memory:", None),
+        ];
+        for (url, dir) in cases {
+            config.database_url = url.into();
+            assert_eq!(spool_dir(&config), dir.map(PathBuf::from), "{url}");
+        }
+        config.spool_dir = Some(PathBuf::from("/srv/spool"));
+        assert_eq!(spool_dir(&config), Some(PathBuf::from("/srv/spool")));
     }
 }

@@ -33,6 +33,7 @@ pub fn test_config(dir: &TempDir) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         database_url: format!("sqlite://{}", dir.path().join("tollgate.db").display()),
+        spool_dir: None,
         redis_url: None,
         redis_key_prefix: None,
         expected_instances: std::num::NonZeroU64::MIN,
