@@ -20,6 +20,7 @@ mod chat;
 mod chat_edges;
 mod durability;
 mod events_api;
+mod faults;
 mod limits;
 mod limits_restart;
 mod metrics;

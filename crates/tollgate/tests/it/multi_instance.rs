@@ -92,6 +92,9 @@ pub(crate) struct Instance {
     pub(crate) http: reqwest::Client,
     /// Every line the process wrote to stderr so far.
     stderr: watch::Receiver<Vec<String>>,
+    /// The usage spool's directory, unless the test gave one: never the working directory,
+    /// where a killed instance's spool would be taken over by the next test's.
+    _spool: tempfile::TempDir,
 }
 
 impl Instance {
@@ -104,6 +107,7 @@ impl Instance {
     /// [`Instance::start`] with more environment variables (`TOLLGATE_DATABASE_URL` or
     /// `TOLLGATE_REDIS_URL` among them point it elsewhere).
     pub(crate) async fn start_with(shared: &Shared, env: &[(&str, &str)]) -> Instance {
+        let spool = tempfile::tempdir().unwrap();
         let mut command = Command::new(BIN);
         for (name, _) in std::env::vars() {
             if name.starts_with("TOLLGATE_") {
@@ -120,6 +124,7 @@ impl Instance {
             .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
             .env("TOLLGATE_MASTER_KEY", MASTER_KEY)
             .env("TOLLGATE_ALLOW_PRIVATE_NETWORKS", "true")
+            .env("TOLLGATE_SPOOL_DIR", spool.path())
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -157,6 +162,7 @@ impl Instance {
             addr,
             http: reqwest::Client::new(),
             stderr,
+            _spool: spool,
         }
     }
 
@@ -175,7 +181,6 @@ impl Instance {
     }
 
     /// Waits (at most `within`) for a stderr line containing `text`; returns it.
-    #[expect(dead_code, reason = "the fault tests will use it")]
     pub(crate) async fn wait_for_log(&self, text: &str, within: Duration) -> Option<String> {
         let mut stderr = self.stderr.clone();
         let found = tokio::time::timeout(
