@@ -565,6 +565,55 @@ async fn c12_propagation_of_an_endpoint_delete() {
     shared.drop_schema().await;
 }
 
+/// On SQLite the other writer is the CLI: `tollgate workspace disable` in another process
+/// reaches the running server's memory through its poll of the change log (every second),
+/// so the workspace's keys are refused within about a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_workspace_disabled_by_the_cli_reaches_the_running_server() {
+    let server = crate::support::TestServer::start().await;
+    server.create_endpoint(M, "echo").await;
+    let group = server.group("cli", "INDEPENDENT", None, on_m(&[])).await;
+    let key = server.create_key(&group).await;
+    let models = server.url("/v1/models");
+    let answer = server
+        .http
+        .get(&models)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok_json(answer).await["data"][0]["id"], M);
+
+    let db = format!(
+        "sqlite://{}",
+        server.dir.path().join("tollgate.db").display()
+    );
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("TOLLGATE_") {
+            command.env_remove(name);
+        }
+    }
+    let output = command
+        .args(["workspace", "disable", "default", "--database", &db])
+        .env("RUST_LOG", "info")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let disabled_at = Instant::now();
+    let delay = models_at_until(&server.http, &models, &key, disabled_at, |status, _| {
+        status == 401
+    })
+    .await;
+    println!(
+        "SQLite propagation: a workspace disabled by the CLI reached the server in {} ms",
+        delay.as_millis()
+    );
+    assert!(delay < Duration::from_secs(2), "{delay:?}");
+    server.shutdown().await;
+}
+
 /// Calls `GET /v1/models` on `instance` with `key` every 20 ms until `is_done` holds for
 /// its answer; the time from `since` to that answer. Gives up after 10 s.
 async fn models_until(
@@ -573,14 +622,26 @@ async fn models_until(
     since: Instant,
     is_done: impl Fn(u16, &Value) -> bool,
 ) -> Duration {
+    models_at_until(
+        &instance.http,
+        &instance.url("/v1/models"),
+        key,
+        since,
+        is_done,
+    )
+    .await
+}
+
+/// [`models_until`] on the models URL `url`.
+async fn models_at_until(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    since: Instant,
+    is_done: impl Fn(u16, &Value) -> bool,
+) -> Duration {
     loop {
-        let answer = instance
-            .http
-            .get(instance.url("/v1/models"))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap();
+        let answer = http.get(url).bearer_auth(key).send().await.unwrap();
         let (status, body) = status_json(answer).await;
         if is_done(status, &body) {
             return since.elapsed();
