@@ -343,6 +343,17 @@ enum Fresh {
     ApiKey(String),
 }
 
+/// What a full load does with the cached keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CachedKeys {
+    /// Changes may have been missed (the log was pruned past the cursor), or there are
+    /// none yet: drop them all and move the cursor to the newest change.
+    Drop,
+    /// Keep them; the cursor stays, so the catch-up after the load evicts the keys that
+    /// changed since.
+    Keep,
+}
+
 impl MirroredStore {
     /// Loads the configuration from `inner` (every page of it) and answers from memory
     /// from then on. Call [`MirroredStore::start_refresher`] to follow other writers.
@@ -366,7 +377,7 @@ impl MirroredStore {
         });
         {
             let _one = mirror.catching_up.lock().await;
-            mirror.reload_locked(false).await?;
+            mirror.reload_locked(CachedKeys::Drop).await?;
             mirror.catch_up_locked().await?;
         }
         tracing::info!(
@@ -409,10 +420,10 @@ impl MirroredStore {
     }
 
     /// Loads workspaces, groups, endpoints and secrets again, then catches up. Cached keys
-    /// stay (they age out after `key_max_age`); unknown prefixes are forgotten.
+    /// stay unless a change since names them; unknown prefixes are forgotten.
     pub async fn reload(&self) -> StoreResult<()> {
         let _one = self.catching_up.lock().await;
-        self.reload_locked(false).await?;
+        self.reload_locked(CachedKeys::Keep).await?;
         self.catch_up_locked().await
     }
 
@@ -468,7 +479,7 @@ impl MirroredStore {
                         }
                         self.note_caught_up();
                     }
-                    Err(e) => self.note_failure(&e),
+                    Err(e) => self.note_refresh_failure(&e),
                 },
             }
         }
@@ -487,6 +498,16 @@ impl MirroredStore {
         }
     }
 
+    /// A catch-up that failed: the database's loss is logged once; anything else (a row
+    /// that cannot be read) every time, since it will not go away by itself.
+    fn note_refresh_failure(&self, error: &StoreError) {
+        if error.is_unavailable() {
+            self.note_failure(error);
+        } else {
+            tracing::warn!(error = %error, "the configuration change log cannot be applied");
+        }
+    }
+
     fn note_caught_up(&self) {
         if !self.database_up.swap(true, Ordering::AcqRel) {
             tracing::info!("database reachable again: the in-memory configuration is caught up");
@@ -502,7 +523,7 @@ impl MirroredStore {
     async fn caught_up_after_write(&self) {
         if let Err(e) = self.refresh().await {
             tracing::debug!(error = %e, "catching up after a write failed; the refresher retries");
-            self.note_failure(&e);
+            self.note_refresh_failure(&e);
         }
     }
 
@@ -519,7 +540,7 @@ impl MirroredStore {
                     pruned_through,
                     "configuration changes were pruned before this instance read them; loading everything again"
                 );
-                self.reload_locked(true).await?;
+                self.reload_locked(CachedKeys::Drop).await?;
                 continue;
             }
             let Some(last) = changes.last().map(|change| change.seq) else {
@@ -607,14 +628,22 @@ impl MirroredStore {
         }
     }
 
-    /// Loads everything again; `drop_keys` when changes may have been missed (the log was
-    /// pruned past the cursor), since a missed revocation would otherwise stay cached.
-    async fn reload_locked(&self, drop_keys: bool) -> StoreResult<()> {
-        // Everything read below is at least as new as `through`; later changes are
-        // applied on top by the catch-up that follows.
-        let through = self.inner.newest_config_change().await?;
+    /// Loads workspaces, groups, endpoints and secrets again. A load says nothing about
+    /// cached keys: with [`CachedKeys::Drop`] they go (a missed revocation would otherwise
+    /// stay cached) and the cursor moves to the newest change, which the load reflects;
+    /// with [`CachedKeys::Keep`] the cursor stays, so the catch-up that follows applies
+    /// the changes since once more — re-reading their objects (no harm) and evicting the
+    /// keys they name.
+    async fn reload_locked(&self, keys: CachedKeys) -> StoreResult<()> {
+        let drop_keys = keys == CachedKeys::Drop;
+        // Everything read below is at least as new as the newest change read here.
+        let cursor = if drop_keys {
+            self.inner.newest_config_change().await?
+        } else {
+            self.config.read().cursor
+        };
         let mut config = Config {
-            cursor: through,
+            cursor,
             ..Config::default()
         };
         let inner = &self.inner;
@@ -1585,6 +1614,45 @@ mod tests {
         assert!(f
             .mirror
             .endpoint_by_slug("acme/two")
+            .await
+            .unwrap()
+            .is_some());
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_cached_keys_but_applies_a_revocation_it_loaded_past() {
+        let f = fixture(MirrorOptions::default()).await;
+        f.db.create_group(new_group(&f.workspace, "g1", None))
+            .await
+            .unwrap();
+        f.db.insert_api_key(new_key("g1", 1)).await.unwrap();
+        f.db.insert_api_key(new_key("g1", 2)).await.unwrap();
+        f.mirror.refresh().await.unwrap();
+        for n in [1, 2] {
+            assert!(f
+                .mirror
+                .resolve_api_key(&prefix(n))
+                .await
+                .unwrap()
+                .is_some());
+        }
+        f.db.revoke_api_key("g1", &prefix(1), T0)
+            .await
+            .unwrap()
+            .unwrap();
+        f.mirror.reload().await.unwrap();
+        let stats = f.mirror.stats();
+        assert_eq!((stats.reloads, stats.cached_keys), (2, 1));
+        assert_eq!(stats.cursor, f.db.newest_config_change().await.unwrap());
+        assert!(f
+            .mirror
+            .resolve_api_key(&prefix(1))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(f
+            .mirror
+            .resolve_api_key(&prefix(2))
             .await
             .unwrap()
             .is_some());
