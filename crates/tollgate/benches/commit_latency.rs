@@ -18,20 +18,24 @@
     reason = "a benchmark program fails loudly and prints its figures"
 )]
 
-use std::process::Stdio;
+#[path = "support/gateway.rs"]
+#[allow(
+    dead_code,
+    reason = "shared with the scale benchmark, which also reads start-up time and resident memory"
+)]
+mod gateway;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use gateway::{Gateway, BIN};
+use reqwest::Method;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tollgate_testkit::MockUpstream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const LEVELS: [usize; 3] = [1, 32, 256];
 const TARGET_MODEL: &str = "echo";
-const ADMIN_KEY: &str = "tgm_benchadminkeybenchadminkeybenchadminkey";
 
 struct Options {
     runs: usize,
@@ -149,7 +153,7 @@ async fn measure(mock: &MockUpstream, concurrency: usize, requests: usize) -> Fi
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("bench.db").display());
     let mut gateway = Gateway::start(&db).await;
-    let key = gateway.tenant(mock).await;
+    let key = tenant(&gateway, mock).await;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
@@ -277,104 +281,39 @@ async fn load(
     all
 }
 
-struct Gateway {
-    child: Child,
-    addr: String,
-    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-impl Gateway {
-    async fn start(db: &str) -> Gateway {
-        let mut command = Command::new(BIN);
-        for (name, _) in std::env::vars() {
-            if name.starts_with("TOLLGATE_") {
-                command.env_remove(name);
-            }
-        }
-        let mut child = command
-            .args(["serve", "--listen", "127.0.0.1:0", "--database", db])
-            .env("RUST_LOG", "info")
-            .env("TOLLGATE_ADMIN_KEY", ADMIN_KEY)
-            .env("TOLLGATE_ALLOW_PRIVATE_NETWORKS", "true")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (send, mut lines) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                let _ = send.send(line);
-            }
-        });
-        let addr = loop {
-            let line = lines
-                .recv()
-                .await
-                .expect("the gateway ended before listening");
-            if let (true, Some(at)) = (line.contains("tollgate listening"), line.find("addr=")) {
-                break line[at + 5..].split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        Gateway { child, addr, lines }
-    }
-
-    /// Endpoint `bench/m` on the mock, a group allowed on it, no limits; its key.
-    async fn tenant(&self, mock: &MockUpstream) -> String {
-        let http = reqwest::Client::new();
-        let post = |path: &str, body: Value| {
-            http.post(format!("http://{}{path}", self.addr))
-                .header("Authorization", format!("Api-Key {ADMIN_KEY}"))
-                .json(&body)
-                .send()
-        };
-        let ok = |response: reqwest::Response| async move {
-            assert_eq!(response.status(), 200);
-            response.json::<Value>().await.unwrap()
-        };
-        ok(post(
+/// Endpoint `bench/m` on the mock, a group allowed on it, no limits; its key.
+async fn tenant(gateway: &Gateway, mock: &MockUpstream) -> String {
+    let http = reqwest::Client::new();
+    gateway
+        .manage(
+            &http,
+            Method::POST,
             "/v1/gateway/endpoints",
-            json!({"slug": "bench/m", "targets": [{"provider": "OPENAI_COMPATIBLE",
+            Some(
+                json!({"slug": "bench/m", "targets": [{"provider": "OPENAI_COMPATIBLE",
                 "base_url": mock.base_url(), "target_model": TARGET_MODEL, "secret_id": null}]}),
+            ),
         )
-        .await
-        .unwrap())
         .await;
-        let group = ok(post(
+    let group = gateway
+        .manage(
+            &http,
+            Method::POST,
             "/v1/gateway/groups",
-            json!({"metadata": {"external_entity_id": "bench"}, "models": [{"slug": "bench/m"}],
+            Some(
+                json!({"metadata": {"external_entity_id": "bench"}, "models": [{"slug": "bench/m"}],
                    "hierarchy": {"limit_enforcement": "INDEPENDENT", "parent_group_id": null}}),
+            ),
         )
-        .await
-        .unwrap())
         .await;
-        let id = group["id"].as_str().unwrap();
-        let key = ok(post(
+    let id = group["id"].as_str().unwrap();
+    let key = gateway
+        .manage(
+            &http,
+            Method::POST,
             &format!("/v1/gateway/groups/{id}/api_keys"),
-            json!({"name": "bench"}),
+            Some(json!({"name": "bench"})),
         )
-        .await
-        .unwrap())
         .await;
-        key["api_key"].as_str().unwrap().to_owned()
-    }
-
-    /// SIGTERM; the `usage events flushed` line.
-    async fn stop(&mut self) -> String {
-        let pid = self.child.id().unwrap().to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let mut flushed = None;
-        while let Some(line) = self.lines.recv().await {
-            if line.contains("usage events flushed") {
-                flushed = Some(line);
-            }
-        }
-        assert!(self.child.wait().await.unwrap().success());
-        flushed.expect("no `usage events flushed` line")
-    }
+    key["api_key"].as_str().unwrap().to_owned()
 }
