@@ -614,6 +614,69 @@ async fn sqlite_a_workspace_disabled_by_the_cli_reaches_the_running_server() {
     server.shutdown().await;
 }
 
+/// PostgreSQL stopped under a running instance: a key it has cached keeps working from
+/// memory, a key it never saw is a 503 (not a 500, not a 401); the loss and the return
+/// are logged once each; after the return the unseen key works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_keys_in_memory_keep_working_and_the_loss_is_logged_once() {
+    if std::env::var("TOLLGATE_TEST_POSTGRES_URL").is_err() {
+        println!(
+            "skipped postgres_down_keys_in_memory_keep_working_and_the_loss_is_logged_once: \
+             set TOLLGATE_TEST_POSTGRES_URL"
+        );
+        return;
+    }
+    let mut postgres = tollgate_testkit::PostgresServer::start().await.unwrap();
+    let redis = tollgate_testkit::RedisServer::start().await.unwrap();
+    let shared = Shared::create_on(&postgres.url(), redis.url()).await;
+    let spool = tempfile::tempdir().unwrap();
+    let spool_dir = spool.path().display().to_string();
+    let instance = Instance::start_with(&shared, &[("TOLLGATE_SPOOL_DIR", &spool_dir)]).await;
+    let mock = MockUpstream::start().await.unwrap();
+    instance.create_endpoint(&mock, "echo").await;
+    let (_used, used_key) = instance.member("used", None, on_m(&[])).await;
+    let (_unseen, unseen_key) = instance.member("unseen", None, on_m(&[])).await;
+    let models = instance.url("/v1/models");
+    let status = |key: String| {
+        let (http, models) = (instance.http.clone(), models.clone());
+        async move {
+            let answer = http.get(&models).bearer_auth(&key).send().await.unwrap();
+            status_json(answer).await
+        }
+    };
+    assert_eq!(status(used_key.clone()).await.0, 200);
+
+    postgres.stop().await.unwrap();
+    let (code, body) = status(unseen_key.clone()).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["error"]["code"], "service_unavailable");
+    let lost = instance
+        .wait_for_log("database unreachable", Duration::from_secs(15))
+        .await;
+    assert!(lost.is_some(), "{}", instance.stderr_text());
+    for _ in 0..20 {
+        let (code, body) = status(used_key.clone()).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["data"][0]["id"], M);
+    }
+    let (code, _) = status(unseen_key.clone()).await;
+    assert_eq!(code, 503);
+
+    postgres.start_again().await.unwrap();
+    let back = instance
+        .wait_for_log("database reachable again", Duration::from_secs(15))
+        .await;
+    assert!(back.is_some(), "{}", instance.stderr_text());
+    let started = Instant::now();
+    let delay = models_until(&instance, &unseen_key, started, |code, _| code == 200).await;
+    assert!(delay < Duration::from_secs(5), "{delay:?}");
+    let log = instance.stderr_text();
+    assert_eq!(log.matches("database unreachable").count(), 1, "{log}");
+    assert_eq!(log.matches("database reachable again").count(), 1, "{log}");
+    drop(instance);
+    shared.drop_schema().await;
+}
+
 /// Calls `GET /v1/models` on `instance` with `key` every 20 ms until `is_done` holds for
 /// its answer; the time from `since` to that answer. Gives up after 10 s.
 async fn models_until(
