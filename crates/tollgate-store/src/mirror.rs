@@ -514,7 +514,9 @@ impl MirroredStore {
         }
     }
 
-    fn is_database_up(&self) -> bool {
+    /// Whether the database answered the last read or change-log catch-up: `false` from
+    /// the first failure that says it is unreachable until a catch-up succeeds again.
+    pub fn is_database_up(&self) -> bool {
         self.database_up.load(Ordering::Acquire)
     }
 

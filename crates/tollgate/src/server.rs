@@ -138,7 +138,7 @@ pub async fn start_with_clock(
         Database::Postgres(postgres) => Some(postgres.as_ref().clone()),
         Database::Sqlite(_) => None,
     });
-    let store: Arc<dyn Store> = mirror;
+    let store: Arc<dyn Store> = mirror.clone();
     let master_key = match config.master_key {
         Some(key) => key,
         None => load_or_create_master_key(&config.database_url).await?,
@@ -160,6 +160,14 @@ pub async fn start_with_clock(
     // resets a customer's day.
     let baseline = Arc::new(tollgate_limits::StoreBaseline::new(store.clone()));
     let metrics = tollgate_metrics::Metrics::new();
+    let watched = mirror.clone();
+    metrics
+        .register_gauge_fn(
+            "database_up",
+            "1 while the database answers, 0 while the data plane serves from memory without it",
+            move || i64::from(watched.is_database_up()),
+        )
+        .context("registering tollgate_database_up")?;
     // With Redis: shared counters, per-instance limits while Redis is unreachable (a start
     // with Redis down included; docs/limits.md, "Degraded mode").
     let limiter: Arc<dyn tollgate_limits::Limiter> = match &config.redis_url {
@@ -205,7 +213,7 @@ pub async fn start_with_clock(
     });
     let app = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz).with_state(store.clone()))
+        .route("/readyz", get(readyz).with_state(mirror.clone()))
         .route("/metrics", get(render_metrics).with_state(metrics.clone()))
         .merge(admin)
         .merge(proxy)
@@ -284,17 +292,17 @@ async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn readyz(axum::extract::State(store): axum::extract::State<Arc<dyn Store>>) -> Response {
-    match store.workspace_by_name(bootstrap::DEFAULT_WORKSPACE).await {
-        Ok(_) => Json(serde_json::json!({"status": "ready"})).into_response(),
-        Err(e) => {
-            tracing::warn!(error = %e, "store not ready");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"status": "unavailable", "reason": "store"})),
-            )
-                .into_response()
-        }
+async fn readyz(
+    axum::extract::State(mirror): axum::extract::State<Arc<tollgate_store::MirroredStore>>,
+) -> Response {
+    // Ready while it can serve. Without the database the data plane still serves from
+    // memory (docs/scale-out.md, "Faults"): a load balancer that pulled every instance
+    // then would turn a database outage into a full one, so this stays 200 and says
+    // "degraded"; alert on `database` here or on `tollgate_database_up`.
+    if mirror.is_database_up() {
+        Json(serde_json::json!({"status": "ready", "database": "up"})).into_response()
+    } else {
+        Json(serde_json::json!({"status": "degraded", "database": "unavailable"})).into_response()
     }
 }
 

@@ -52,6 +52,26 @@ async fn metric(instance: &Instance, metric: &str) -> String {
         .to_owned()
 }
 
+/// `GET /readyz` (always 200 while the process serves) once its status is `status`, or
+/// its last answer after [`WAIT`].
+async fn readiness_when(instance: &Instance, status: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let answer = instance
+            .http
+            .get(instance.url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let body: Value = answer.json().await.unwrap();
+        if body["status"] == status || started.elapsed() > WAIT {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One answer of the load: its status and `x-request-id`.
 #[derive(Debug, Clone)]
 struct Answer {
@@ -311,8 +331,20 @@ async fn postgres_stopped_under_load_serves_from_memory_and_stores_every_event_a
         let body: Value = answer.json().await.unwrap();
         assert_eq!(body["code"], "database_unavailable", "{body}");
     }
-    // Load on the way down and through a few seconds without the database.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Load on the way down and through a few seconds without the database; meanwhile
+    // each instance says it serves without it, and stays in the load balancer.
+    let down = Instant::now();
+    for instance in instances.iter() {
+        assert_eq!(
+            readiness_when(instance, "degraded").await,
+            json!({"status": "degraded", "database": "unavailable"})
+        );
+        assert_eq!(
+            metric(instance, "tollgate_database_up").await,
+            "tollgate_database_up 0"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(down.elapsed())).await;
 
     load.next_phase();
     postgres.start_again().await.unwrap();
@@ -350,6 +382,16 @@ async fn postgres_stopped_under_load_serves_from_memory_and_stores_every_event_a
         stored.len(),
         back.elapsed()
     );
+    for instance in instances.iter() {
+        assert_eq!(
+            readiness_when(instance, "ready").await,
+            json!({"status": "ready", "database": "up"})
+        );
+        assert_eq!(
+            metric(instance, "tollgate_database_up").await,
+            "tollgate_database_up 1"
+        );
+    }
     // Another drain round (one a second) adds nothing.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stored = stored_ids().await;
