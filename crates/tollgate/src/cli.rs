@@ -26,7 +26,12 @@ pub enum Command {
         #[command(subcommand)]
         action: WorkspaceAction,
         /// Database URL (`sqlite://tollgate.db` by default).
-        #[arg(long, env = "TOLLGATE_DATABASE_URL", global = true)]
+        #[arg(
+            long,
+            env = "TOLLGATE_DATABASE_URL",
+            global = true,
+            hide_env_values = true
+        )]
         database: Option<String>,
     },
 }
@@ -50,14 +55,14 @@ pub struct ServeArgs {
     #[arg(long, env = "TOLLGATE_LISTEN")]
     pub listen: Option<String>,
     /// Database URL [default: sqlite://tollgate.db].
-    #[arg(long, env = "TOLLGATE_DATABASE_URL")]
+    #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
     pub database: Option<String>,
     /// Directory where usage events wait while the database is unreachable [default:
     /// `tollgate-spool` beside the SQLite file; ./tollgate-spool with PostgreSQL].
     #[arg(long = "spool-dir", env = "TOLLGATE_SPOOL_DIR")]
     pub spool_dir: Option<PathBuf>,
     /// Redis URL for shared rate counters (unset: in-process limiter).
-    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    #[arg(long, env = "TOLLGATE_REDIS_URL", hide_env_values = true)]
     pub redis: Option<String>,
     /// Prefix of every Redis key [default: tg]; distinct deployments sharing one Redis
     /// need distinct prefixes.
@@ -108,4 +113,28 @@ pub struct ServeArgs {
     /// Also run a built-in mock model and register endpoint `demo/echo`, a group and a key.
     #[arg(long)]
     pub demo: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// `--help` prints an option's environment value unless hidden; these URLs may carry
+    /// a password, so `--help` must never show them.
+    #[test]
+    fn help_never_shows_the_value_of_a_url_that_may_hold_a_password() {
+        let cli = Cli::command();
+        let hidden = |command: &str, arg: &str| {
+            cli.find_subcommand(command)
+                .and_then(|sub| sub.get_arguments().find(|a| a.get_id() == arg))
+                .map(clap::Arg::is_hide_env_values_set)
+        };
+        assert_eq!(hidden("serve", "database"), Some(true));
+        assert_eq!(hidden("serve", "redis"), Some(true));
+        assert_eq!(hidden("serve", "admin_key"), Some(true));
+        assert_eq!(hidden("serve", "master_key"), Some(true));
+        assert_eq!(hidden("workspace", "database"), Some(true));
+    }
 }
