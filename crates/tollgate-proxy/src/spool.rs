@@ -469,7 +469,10 @@ fn open_blocking(root: &Path) -> io::Result<Opened> {
                 tracing::warn!(dir = %other_dir.display(), error = %e, "usage spool: cannot remove a stopped process's spool directory");
             }
         }
-        std::fs::remove_file(&lock_path)?;
+        // Another process starting at the same moment may have taken this owner over
+        // first, or the owner itself may have removed its lock as it stopped: either way
+        // the lock is gone and there is nothing left to adopt.
+        remove_if_present(&lock_path)?;
     }
     sync_dir(&dir)?;
     sync_dir(root)?;
@@ -482,6 +485,14 @@ fn open_blocking(root: &Path) -> io::Result<Opened> {
 }
 
 /// The `.jsonl` files of `dir` in name (= append) order; none when `dir` is gone.
+/// Removes the file at `path`; one that is already gone is not an error.
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 fn segment_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -602,6 +613,22 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// A stopped owner's lock that another starting process removed between this one
+    /// opening and locking it: the takeover goes on instead of failing the start.
+    #[test]
+    fn removing_a_lock_that_is_already_gone_is_not_an_error() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let lock = dir.0.join("1-gone.lock");
+        std::fs::write(&lock, b"").unwrap();
+        assert_eq!(remove_if_present(&lock).unwrap(), ());
+        assert!(!lock.exists());
+        assert_eq!(remove_if_present(&lock).unwrap(), ());
+        let not_a_file = dir.0.join("a-directory");
+        std::fs::create_dir(&not_a_file).unwrap();
+        assert!(remove_if_present(&not_a_file).is_err());
     }
 
     fn event(n: usize) -> UsageEvent {
