@@ -144,6 +144,7 @@ pub async fn start_with_clock(
         None => load_or_create_master_key(&config.database_url).await?,
     };
     let sealer = Arc::new(SecretBox::new(&master_key));
+    check_master_key(store.as_ref(), &sealer).await?;
 
     bootstrap::default_workspace(store.as_ref(), clock.as_ref(), config.admin_key.as_deref())
         .await?;
@@ -277,6 +278,29 @@ pub async fn start_with_clock(
     })
 }
 
+/// Refuses a master key that does not open the stored secrets. Every instance seals and
+/// opens with one key; one started with another would answer every call to an endpoint
+/// with a secret as if the model server could not be reached.
+async fn check_master_key(store: &dyn Store, sealer: &SecretBox) -> anyhow::Result<()> {
+    let first = tollgate_store::PageRequest {
+        limit: 1,
+        after: None,
+    };
+    let page = store
+        .live_secrets_page(first)
+        .await
+        .context("reading a stored secret to check the master key")?;
+    match page.items.first() {
+        Some(secret) if sealer.open(&secret.ciphertext).is_err() => anyhow::bail!(
+            "the master key (TOLLGATE_MASTER_KEY, or tollgate.master_key beside a SQLite \
+             file) does not open the secrets stored in this database (secret {}): start with \
+             the key they were sealed with, the same on every instance",
+            secret.id
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Puts the gateway's own request id into the request and `x-request-id` on the answer.
 async fn request_id(mut request: Request, next: Next) -> Response {
     let id = new_id(IdKind::Request);
@@ -406,6 +430,40 @@ async fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_master_key_that_does_not_open_the_stored_secrets_is_refused() {
+        let store = tollgate_store::SqliteStore::open("sqlite::memory:")
+            .await
+            .unwrap();
+        let sealer = SecretBox::new(&[7; 32]);
+        assert!(check_master_key(&store, &sealer).await.is_ok());
+        let workspace = store
+            .create_workspace("w", tollgate_core::Timestamp(0))
+            .await
+            .unwrap();
+        store
+            .insert_secret(tollgate_store::NewSecret {
+                id: "sec_1".to_owned(),
+                workspace_id: workspace.id,
+                name: "upstream".to_owned(),
+                ciphertext: sealer.seal(b"sk-123").unwrap(),
+                created_at: tollgate_core::Timestamp(0),
+            })
+            .await
+            .unwrap();
+        assert!(check_master_key(&store, &sealer).await.is_ok());
+        let other = SecretBox::new(&[8; 32]);
+        assert_eq!(
+            check_master_key(&store, &other)
+                .await
+                .unwrap_err()
+                .to_string(),
+            "the master key (TOLLGATE_MASTER_KEY, or tollgate.master_key beside a SQLite \
+             file) does not open the secrets stored in this database (secret sec_1): start \
+             with the key they were sealed with, the same on every instance"
+        );
+    }
 
     #[test]
     fn sqlite_paths() {
