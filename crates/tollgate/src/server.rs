@@ -146,9 +146,6 @@ pub async fn start_with_clock(
     let sealer = Arc::new(SecretBox::new(&master_key));
     check_master_key(store.as_ref(), &sealer).await?;
 
-    bootstrap::default_workspace(store.as_ref(), clock.as_ref(), config.admin_key.as_deref())
-        .await?;
-
     let allow_private_networks = config.allow_private_networks || config.demo;
     let admin = tollgate_admin::router(tollgate_admin::AdminState {
         store: store.clone(),
@@ -225,6 +222,11 @@ pub async fn start_with_clock(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    // Last of what can fail: a first start prints its workspace's key (shown once) only
+    // when it goes on to serve, so a start refused for a busy port, a bad Redis URL or
+    // spool directory leaves the key to the start that works.
+    bootstrap::default_workspace(store.as_ref(), clock.as_ref(), config.admin_key.as_deref())
+        .await?;
     let engine = if postgres { "postgresql" } else { "sqlite" };
     if postgres {
         tracing::info!(%addr, database = engine, "tollgate listening");

@@ -174,6 +174,62 @@ async fn demo_prints_a_curl_command_that_works_when_pasted() {
     assert!(demo.child.wait().await.unwrap().success());
 }
 
+/// A first start that cannot serve (its port taken, a Redis URL that is not one, a spool
+/// directory that is a file) prints no key: the workspace's key, shown once, comes with the
+/// first start that serves.
+#[tokio::test]
+async fn a_first_start_that_cannot_serve_prints_no_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let cases: [(&[&str], &str); 3] = [
+        (&["--listen", &taken], "Error: binding "),
+        (
+            &["--listen", "127.0.0.1:0", "--redis", "redis://"],
+            "Error: redis: shared limiter: not a Redis URL: ",
+        ),
+        (
+            &["--listen", "127.0.0.1:0", "--spool-dir", "a-file"],
+            "Error: opening the usage spool a-file",
+        ),
+    ];
+    for (args, error) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a-file"), b"").unwrap();
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            tollgate()
+                .current_dir(dir.path())
+                .env("RUST_BACKTRACE", "0")
+                .arg("serve")
+                .args(args)
+                .output(),
+        )
+        .await
+        .expect("exits at once")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(error)),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "", "{args:?}");
+
+        let mut command = tollgate();
+        command
+            .current_dir(dir.path())
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+        let mut serving = spawn(command);
+        let key = line_where(&mut serving.stdout, |l| {
+            l.starts_with("tgm_").then(|| l.trim().to_owned())
+        })
+        .await;
+        assert_eq!(key.len(), "tgm_".len() + 12 + 1 + 32, "{args:?}: {key}");
+        sigterm(&serving.child);
+        assert!(serving.child.wait().await.unwrap().success(), "{args:?}");
+    }
+}
+
 /// A database URL of another engine is refused before anything is written: the store
 /// would otherwise take `mysql://db/x` for the relative path `mysql:/db/x`, create a
 /// fresh SQLite file there and print a key that works against no real server. A
