@@ -17,8 +17,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = Config::from_args(args)?;
             init_logging(config.log_format);
-            let stop = shutdown_signal()?;
-            let running = server::start(config).await?;
+            let mut stop = Box::pin(shutdown_signal()?);
+            // A start waiting on a database or Redis that does not answer still stops on
+            // SIGTERM / Ctrl-C.
+            let running = tokio::select! {
+                running = server::start(config) => running?,
+                () = &mut stop => anyhow::bail!("stopped by a signal before serving"),
+            };
             running.run_until(stop).await
         }
         Command::Workspace { action, database } => {

@@ -230,6 +230,38 @@ async fn a_first_start_that_cannot_serve_prints_no_key() {
     }
 }
 
+/// A start waiting on a PostgreSQL server that accepts and never answers stops on SIGTERM
+/// (a supervisor's stop, or `timeout`), with a line that says so.
+#[tokio::test]
+async fn sigterm_stops_a_start_that_waits_on_the_database() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("postgres://u@{}/x", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = tollgate();
+    command
+        .current_dir(dir.path())
+        .env("RUST_BACKTRACE", "0")
+        .env("TOLLGATE_MASTER_KEY", "A".repeat(43))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database", &url]);
+    let mut starting = spawn(command);
+    // Connected, so well past installing its signal handlers.
+    let (_held, _) = tokio::time::timeout(Duration::from_secs(30), silent.accept())
+        .await
+        .expect("connects")
+        .unwrap();
+    sigterm(&starting.child);
+    let status = tokio::time::timeout(Duration::from_secs(10), starting.child.wait())
+        .await
+        .expect("exits on SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    let error = line_where(&mut starting.stderr, |l| {
+        l.starts_with("Error:").then(|| l.to_owned())
+    })
+    .await;
+    assert_eq!(error, "Error: stopped by a signal before serving");
+}
+
 /// A database URL of another engine is refused before anything is written: the store
 /// would otherwise take `mysql://db/x` for the relative path `mysql:/db/x`, create a
 /// fresh SQLite file there and print a key that works against no real server. A
