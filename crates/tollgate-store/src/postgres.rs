@@ -54,6 +54,10 @@ const MAX_CONNECTIONS: u32 = 10;
 /// is down fails every call within this, so the data plane answers from memory and the
 /// management API answers 503 instead of hanging.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for the first connection at start-up: a server that accepts and never
+/// answers (a wrong port behind a proxy, a hung server) is an error, not a start that
+/// waits forever.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Usage events per INSERT statement: 14 parameters each, 3,584 per statement, well under
 /// PostgreSQL's 65,535.
@@ -71,7 +75,7 @@ impl PostgresStore {
     /// Connects to `url` (`postgres://...`) and applies migrations in the connection's
     /// default schema.
     pub async fn connect(url: &str) -> StoreResult<PostgresStore> {
-        Self::open(url, None).await
+        Self::open(url, None, CONNECT_TIMEOUT).await
     }
 
     /// Like [`PostgresStore::connect`], with every table in `schema`: the schema is
@@ -83,17 +87,28 @@ impl PostgresStore {
                 "the PostgreSQL schema name is empty".into(),
             )));
         }
-        Self::open(url, Some(schema)).await
+        Self::open(url, Some(schema), CONNECT_TIMEOUT).await
     }
 
     /// Migrates on one connection of its own first: an unreachable server is an error at
     /// once (a pool would keep retrying for its acquire timeout), and the pool only opens
     /// once the schema is in place.
-    async fn open(url: &str, schema: Option<&str>) -> StoreResult<PostgresStore> {
+    async fn open(
+        url: &str,
+        schema: Option<&str>,
+        connect_timeout: Duration,
+    ) -> StoreResult<PostgresStore> {
         let options = PgConnectOptions::from_str(url)?;
         let set_path =
             schema.map(|schema| format!("SET search_path TO {}", quote_identifier(schema)));
-        let mut conn = options.connect().await?;
+        let mut conn = tokio::time::timeout(connect_timeout, options.connect())
+            .await
+            .map_err(|_| {
+                sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from PostgreSQL within {connect_timeout:?}"),
+                ))
+            })??;
         if let Some(schema) = schema {
             conn.execute(
                 format!("CREATE SCHEMA IF NOT EXISTS {}", quote_identifier(schema)).as_str(),
@@ -1091,5 +1106,24 @@ impl Store for PostgresStore {
         now: Timestamp,
     ) -> StoreResult<Option<WebhookDelivery>> {
         webhooks::reset_for_retry(&self.pool, id, now).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_accepts_and_never_answers_is_an_error() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("postgres://u@{}/x", silent.local_addr().unwrap());
+        let error = PostgresStore::open(&url, None, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "database error: error communicating with database: no answer from PostgreSQL \
+             within 200ms"
+        );
     }
 }
