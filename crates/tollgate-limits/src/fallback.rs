@@ -48,7 +48,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// What [`FallbackLimiter::start`] needs to know. `FallbackSettings::new` gives the
 /// defaults; the fields are public to change them.
 pub struct FallbackSettings {
-    /// `redis://host:port[/db]` (or `rediss://`).
+    /// `redis://host:port[/db]`.
     pub url: String,
     /// Redis keys start with this instead of `tg`.
     pub key_prefix: Option<String>,

@@ -117,8 +117,14 @@ impl Config {
         let listen = parse_listen(&listen_text)?;
         let redis_url = args.redis.or(file.redis_url);
         if let Some(url) = &redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                bail!("redis: the URL must start with redis:// or rediss://");
+            if url.starts_with("rediss://") {
+                bail!(
+                    "redis: rediss:// (TLS) is not supported by this build; use redis:// \
+                     (on a private network, or through a TLS tunnel such as stunnel)"
+                );
+            }
+            if !url.starts_with("redis://") {
+                bail!("redis: the URL must start with redis://");
             }
         }
         let redis_key_prefix = args.redis_key_prefix;
@@ -380,9 +386,17 @@ mod tests {
                 .get(),
             5
         );
-        let file: FileConfig = toml::from_str("redis_url = \"rediss://cache:6380\"\n").unwrap();
+        let file: FileConfig = toml::from_str("redis_url = \"redis://cache:6380\"\n").unwrap();
         let config = Config::resolve(ServeArgs::default(), file).unwrap();
-        assert_eq!(config.redis_url.as_deref(), Some("rediss://cache:6380"));
+        assert_eq!(config.redis_url.as_deref(), Some("redis://cache:6380"));
+        let file: FileConfig = toml::from_str("redis_url = \"rediss://cache:6380\"\n").unwrap();
+        assert_eq!(
+            Config::resolve(ServeArgs::default(), file)
+                .unwrap_err()
+                .to_string(),
+            "redis: rediss:// (TLS) is not supported by this build; use redis:// (on a private \
+             network, or through a TLS tunnel such as stunnel)"
+        );
         assert_eq!(Config::defaults().unwrap().redis_url, None);
         for (args, message) in [
             (
@@ -390,7 +404,7 @@ mod tests {
                     redis: Some("127.0.0.1:6379".into()),
                     ..ServeArgs::default()
                 },
-                "redis: the URL must start with redis:// or rediss://",
+                "redis: the URL must start with redis://",
             ),
             (
                 ServeArgs {
