@@ -211,7 +211,16 @@ pub async fn start_with_clock(
     });
     let app = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz).with_state(mirror.clone()))
+        .route(
+            "/readyz",
+            get(readyz).with_state(Readiness {
+                mirror: mirror.clone(),
+                limiter: config
+                    .redis_url
+                    .is_some()
+                    .then(|| metrics.limiter().clone()),
+            }),
+        )
         .route("/metrics", get(render_metrics).with_state(metrics.clone()))
         .merge(admin)
         .merge(proxy)
@@ -318,18 +327,31 @@ async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({"status": "ok"}))
 }
 
-async fn readyz(
-    axum::extract::State(mirror): axum::extract::State<Arc<tollgate_store::MirroredStore>>,
-) -> Response {
+/// What `/readyz` reports on: the database as the mirror last saw it and, with Redis, the
+/// limiter's state.
+#[derive(Clone)]
+struct Readiness {
+    mirror: Arc<tollgate_store::MirroredStore>,
+    limiter: Option<tollgate_metrics::LimiterMetrics>,
+}
+
+async fn readyz(axum::extract::State(readiness): axum::extract::State<Readiness>) -> Response {
     // Ready while it can serve. Without the database the data plane still serves from
-    // memory (docs/scale-out.md, "Faults"): a load balancer that pulled every instance
-    // then would turn a database outage into a full one, so this stays 200 and says
-    // "degraded"; alert on `database` here or on `tollgate_database_up`.
-    if mirror.is_database_up() {
-        Json(serde_json::json!({"status": "ready", "database": "up"})).into_response()
-    } else {
-        Json(serde_json::json!({"status": "degraded", "database": "unavailable"})).into_response()
+    // memory, and without Redis it counts per instance (docs/scale-out.md, "Faults"): a
+    // load balancer that pulled every instance then would turn a back-end outage into a
+    // full one, so this stays 200 and says "degraded"; alert on the body or on the
+    // `tollgate_database_up` and `tollgate_limiter_shared` gauges.
+    let database_up = readiness.mirror.is_database_up();
+    let redis_up = readiness.limiter.as_ref().map(|l| l.shared() == 1);
+    let up = |up: bool| if up { "up" } else { "unavailable" };
+    let mut body = serde_json::json!({
+        "status": if database_up && redis_up != Some(false) { "ready" } else { "degraded" },
+        "database": up(database_up),
+    });
+    if let Some(redis_up) = redis_up {
+        body["redis"] = serde_json::json!(up(redis_up));
     }
+    Json(body).into_response()
 }
 
 /// Prometheus text; unauthenticated like `/healthz` (counts only, no keys, no secrets).

@@ -224,6 +224,10 @@ async fn redis_stopped_under_load_serves_with_per_instance_limits_then_shares_ag
             metric(instance, "tollgate_limiter_fallback_switches_total").await,
             "tollgate_limiter_fallback_switches_total 1"
         );
+        assert_eq!(
+            readiness_when(instance, "degraded").await,
+            json!({"status": "degraded", "database": "up", "redis": "unavailable"})
+        );
     }
     // Each instance admits its share of 10 a minute, alone.
     for instance in instances.iter() {
@@ -247,6 +251,10 @@ async fn redis_stopped_under_load_serves_with_per_instance_limits_then_shares_ag
         assert_eq!(
             metric(instance, "tollgate_limiter_shared").await,
             "tollgate_limiter_shared 1"
+        );
+        assert_eq!(
+            readiness_when(instance, "ready").await,
+            json!({"status": "ready", "database": "up", "redis": "up"})
         );
         // The switch down was logged once, however many requests failed on it.
         let downs = instance
@@ -337,7 +345,7 @@ async fn postgres_stopped_under_load_serves_from_memory_and_stores_every_event_a
     for instance in instances.iter() {
         assert_eq!(
             readiness_when(instance, "degraded").await,
-            json!({"status": "degraded", "database": "unavailable"})
+            json!({"status": "degraded", "database": "unavailable", "redis": "up"})
         );
         assert_eq!(
             metric(instance, "tollgate_database_up").await,
@@ -385,7 +393,7 @@ async fn postgres_stopped_under_load_serves_from_memory_and_stores_every_event_a
     for instance in instances.iter() {
         assert_eq!(
             readiness_when(instance, "ready").await,
-            json!({"status": "ready", "database": "up"})
+            json!({"status": "ready", "database": "up", "redis": "up"})
         );
         assert_eq!(
             metric(instance, "tollgate_database_up").await,
