@@ -147,6 +147,7 @@ fn http_client(config: &WorkerConfig) -> Result<reqwest::Client, reqwest::Error>
 
 async fn run(context: Arc<Context>, stop: CancellationToken) {
     let mut sends = JoinSet::new();
+    let mut failed_rounds = FailureStreak::default();
     let poll = context.config.poll_interval();
     loop {
         tokio::select! {
@@ -155,20 +156,37 @@ async fn run(context: Arc<Context>, stop: CancellationToken) {
         }
         while sends.try_join_next().is_some() {}
         let round = async {
-            if let Err(e) = cut_batches(&context).await {
-                tracing::warn!(error = %e, "cutting webhook batches failed; retrying next round");
-            }
+            let cut = cut_batches(&context).await;
             let free = context.config.max_in_flight.saturating_sub(sends.len());
-            match claim(&context, free).await {
-                Ok(claimed) => {
-                    for delivery in claimed {
-                        let context = context.clone();
-                        sends.spawn(async move { attempt(&context, delivery).await });
+            let claimed = claim(&context, free).await;
+            let failure = match (&cut, &claimed) {
+                (Err(e), _) => Some(format!("cutting webhook batches failed: {e}")),
+                (_, Err(e)) => Some(format!("claiming due webhook deliveries failed: {e}")),
+                _ => None,
+            };
+            match failure {
+                // A database outage fails every round: one line when it starts, a reminder
+                // now and then, one when rounds succeed again.
+                Some(error) => {
+                    if failed_rounds.fail() {
+                        tracing::warn!(
+                            %error,
+                            failed_rounds = failed_rounds.count(),
+                            "webhook rounds failing; retrying every round"
+                        );
+                    } else {
+                        tracing::debug!(%error, "webhook round failed");
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "claiming due webhook deliveries failed");
+                None => {
+                    if let Some(failed) = failed_rounds.succeed() {
+                        tracing::info!(failed_rounds = failed, "webhook rounds succeed again");
+                    }
                 }
+            }
+            for delivery in claimed.unwrap_or_default() {
+                let context = context.clone();
+                sends.spawn(async move { attempt(&context, delivery).await });
             }
         };
         tokio::select! {
@@ -183,6 +201,33 @@ async fn run(context: Arc<Context>, stop: CancellationToken) {
         if let Err(e) = context.store.release_webhook_delivery(&id).await {
             tracing::warn!(error = %e, delivery = %id, "could not release a webhook delivery's lease");
         }
+    }
+}
+
+/// Consecutive failed rounds, so that an outage is logged when it starts and every
+/// [`FailureStreak::REMIND_EVERY`] rounds after, not once per round.
+#[derive(Debug, Default)]
+struct FailureStreak {
+    failed: u64,
+}
+
+impl FailureStreak {
+    const REMIND_EVERY: u64 = 100;
+
+    /// Counts a failed round; `true` when this one should be logged.
+    fn fail(&mut self) -> bool {
+        self.failed += 1;
+        self.failed % Self::REMIND_EVERY == 1
+    }
+
+    fn count(&self) -> u64 {
+        self.failed
+    }
+
+    /// Ends the streak; how many rounds had failed in a row, if any.
+    fn succeed(&mut self) -> Option<u64> {
+        let failed = std::mem::take(&mut self.failed);
+        (failed > 0).then_some(failed)
     }
 }
 
@@ -526,6 +571,18 @@ impl reqwest::dns::Resolve for GuardedResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_streak_is_logged_at_its_start_every_hundred_rounds_and_at_its_end() {
+        let mut streak = FailureStreak::default();
+        assert_eq!(streak.succeed(), None);
+        let logged: Vec<u64> = (1..=250).filter(|_| streak.fail()).collect();
+        assert_eq!(logged, [1, 101, 201]);
+        assert_eq!(streak.count(), 250);
+        assert_eq!(streak.succeed(), Some(250));
+        assert_eq!(streak.succeed(), None);
+        assert!(streak.fail());
+    }
 
     fn pending(retry_step: u32) -> WebhookDelivery {
         WebhookDelivery {
