@@ -16,6 +16,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE: &str = "sqlite://tollgate.db";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// More instances than any deployment runs: a larger figure is a typo that would make
+/// every limit 1 while Redis is unreachable.
+const MAX_EXPECTED_INSTANCES: u64 = 10_000;
 pub const MIN_ADMIN_KEY_LEN: usize = 32;
 pub const DEFAULT_WEBHOOK_BATCH_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -135,8 +138,10 @@ impl Config {
             .expected_instances
             .or(file.expected_instances)
             .unwrap_or(1);
-        let Some(expected_instances) = std::num::NonZeroU64::new(expected_instances) else {
-            bail!("expected_instances must be at least 1");
+        let Some(expected_instances) = std::num::NonZeroU64::new(expected_instances)
+            .filter(|n| n.get() <= MAX_EXPECTED_INSTANCES)
+        else {
+            bail!("expected_instances must be between 1 and {MAX_EXPECTED_INSTANCES}");
         };
         let admin_key = args.admin_key.or(file.admin_key);
         if let Some(key) = &admin_key {
@@ -418,7 +423,14 @@ mod tests {
                     expected_instances: Some(0),
                     ..ServeArgs::default()
                 },
-                "expected_instances must be at least 1",
+                "expected_instances must be between 1 and 10000",
+            ),
+            (
+                ServeArgs {
+                    expected_instances: Some(10_001),
+                    ..ServeArgs::default()
+                },
+                "expected_instances must be between 1 and 10000",
             ),
         ] {
             let e = Config::resolve(args, FileConfig::default()).unwrap_err();

@@ -188,7 +188,11 @@ pub async fn start_with_clock(
             baseline,
         )),
     };
-    let (outbox, outbox_writer) = match spool_dir(&config) {
+    let spool = spool_dir(&config);
+    let spool_shown = spool
+        .as_deref()
+        .map_or_else(|| "none".to_owned(), |dir| dir.display().to_string());
+    let (outbox, outbox_writer) = match spool {
         Some(dir) => {
             let spool = tollgate_proxy::spool::Spool::open(&dir)
                 .await
@@ -238,9 +242,14 @@ pub async fn start_with_clock(
         .await?;
     let engine = if postgres { "postgresql" } else { "sqlite" };
     if postgres {
-        tracing::info!(%addr, database = engine, "tollgate listening");
+        tracing::info!(%addr, database = %engine, spool = %spool_shown, "tollgate listening");
     } else {
-        tracing::info!(%addr, database = %config.database_url, "tollgate listening");
+        tracing::info!(
+            %addr,
+            database = %config.database_url,
+            spool = %spool_shown,
+            "tollgate listening"
+        );
     }
 
     let demo = if config.demo {
