@@ -540,6 +540,10 @@ def report(results, upstream_name, base_rates):
             f"throughput Tollgate / LiteLLM: {t['json']['rps'] / l['json']['rps']:.1f} non-streamed, "
             f"{t['sse']['rps'] / l['sse']['rps']:.1f} streamed"
         )
+        print(
+            f"CPU per request LiteLLM / Tollgate: {l['json']['cpu_us'] / t['json']['cpu_us']:.1f} non-streamed, "
+            f"{l['sse']['cpu_us'] / t['sse']['cpu_us']:.1f} streamed"
+        )
 
 
 if __name__ == "__main__":
