@@ -1,16 +1,32 @@
 //! Opaque identifiers: a short type prefix and 22 base62 characters from the OS CSPRNG.
 
 use rand::rngs::OsRng;
-use rand::Rng;
+use rand::RngCore;
 
 pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
+/// Bytes below this (4 × 62) map to a base62 character by `byte % 62` without bias; the
+/// others are skipped.
+const UNBIASED_BELOW: u8 = 248;
+
 /// `len` base62 characters from the OS CSPRNG.
+///
+/// The bytes are read from the OS in batches, not one read per character: an id is minted
+/// for every proxied request and its usage event, and a `getrandom` call per character
+/// was a tenth of the CPU of a non-streamed request.
 pub fn random_base62(len: usize) -> String {
-    let mut rng = OsRng;
-    (0..len)
-        .map(|_| char::from(BASE62[rng.gen_range(0..BASE62.len())]))
-        .collect()
+    let mut out = String::with_capacity(len);
+    let mut batch = [0u8; 64];
+    while out.len() < len {
+        OsRng.fill_bytes(&mut batch);
+        for byte in batch.iter().copied().filter(|b| *b < UNBIASED_BELOW) {
+            if out.len() == len {
+                break;
+            }
+            out.push(char::from(BASE62[usize::from(byte % 62)]));
+        }
+    }
+    out
 }
 
 /// A new id such as `grp_4hX...`; the prefix says what kind of object it names.
@@ -59,6 +75,24 @@ mod tests {
         assert_eq!(a.len(), 4 + 22);
         assert_ne!(a, b);
         assert!(a[4..].bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn random_base62_has_the_asked_length_past_one_batch() {
+        for len in [0, 1, 22, 63, 64, 65, 200] {
+            let s = random_base62(len);
+            assert_eq!(s.len(), len);
+            assert!(s.bytes().all(|c| BASE62.contains(&c)));
+        }
+    }
+
+    #[test]
+    fn random_base62_uses_every_character() {
+        // 62 characters in 20,000 draws: a character missing means a bias or a wrong map
+        let s = random_base62(20_000);
+        for c in BASE62 {
+            assert!(s.as_bytes().contains(c), "{} never drawn", char::from(*c));
+        }
     }
 }
 
