@@ -1290,6 +1290,13 @@ mod tests {
         }
     }
 
+    impl Fixture {
+        /// Whether the mirror resolves the key `prefix` (a database failure fails the test).
+        async fn knows(&self, prefix: &str) -> bool {
+            self.mirror.resolve_api_key(prefix).await.unwrap().is_some()
+        }
+    }
+
     fn prefix(n: u32) -> String {
         format!("tg_test{n:09}")
     }
@@ -1362,20 +1369,10 @@ mod tests {
             .unwrap()
             .unwrap();
         // Memory answers until the change is applied...
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(f.knows(&prefix(1)).await);
         f.mirror.refresh().await.unwrap();
         // ...and refuses from then on, remembering the prefix as absent.
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_none());
+        assert!(!f.knows(&prefix(1)).await);
         let stats = f.mirror.stats();
         assert_eq!((stats.cached_keys, stats.absent_keys), (0, 1));
     }
@@ -1397,30 +1394,15 @@ mod tests {
         f.mirror.refresh().await.unwrap();
         let grant = f.mirror.resolve_api_key(&prefix(1)).await.unwrap().unwrap();
         assert_eq!(chain_ids(&grant), ["child", "root"]);
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(2))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(f.knows(&prefix(2)).await);
         assert_eq!(f.mirror.stats().groups, 3);
 
         f.db.delete_group("root", T0).await.unwrap().unwrap();
         f.mirror.refresh().await.unwrap();
         let stats = f.mirror.stats();
         assert_eq!((stats.groups, stats.cached_keys), (1, 1));
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_none());
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(2))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(!f.knows(&prefix(1)).await);
+        assert!(f.knows(&prefix(2)).await);
     }
 
     #[tokio::test]
@@ -1513,33 +1495,18 @@ mod tests {
             .await
             .unwrap();
         // Looked up before it exists: remembered as absent...
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_none());
+        assert!(!f.knows(&prefix(1)).await);
         assert_eq!(f.mirror.stats().absent_keys, 1);
         // ...until its creation is applied.
         f.mirror.insert_api_key(new_key("g1", 1)).await.unwrap();
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(f.knows(&prefix(1)).await);
         f.mirror
             .insert_endpoint(new_endpoint(&f.workspace, "ep_1", "acme/one"))
             .await
             .unwrap();
         assert_eq!(f.mirror.stats().endpoints, 1);
         f.mirror.revoke_api_key("g1", &prefix(1), T0).await.unwrap();
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_none());
+        assert!(!f.knows(&prefix(1)).await);
     }
 
     #[tokio::test]
@@ -1549,20 +1516,10 @@ mod tests {
             .await
             .unwrap();
         f.mirror.refresh().await.unwrap();
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_none());
+        assert!(!f.knows(&prefix(1)).await);
         f.db.insert_api_key(new_key("g1", 1)).await.unwrap();
         f.mirror.refresh().await.unwrap();
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(f.knows(&prefix(1)).await);
     }
 
     #[tokio::test]
@@ -1576,12 +1533,7 @@ mod tests {
             .await
             .unwrap();
         f.mirror.refresh().await.unwrap();
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(f.knows(&prefix(1)).await);
         assert_eq!(f.mirror.stats().reloads, 1);
 
         f.db.revoke_api_key("g1", &prefix(1), T0)
@@ -1601,12 +1553,7 @@ mod tests {
         assert_eq!(stats.reloads, 2);
         assert_eq!(stats.cursor, f.db.newest_config_change().await.unwrap());
         // The revocation itself was pruned: the reload dropped every cached key.
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_none());
+        assert!(!f.knows(&prefix(1)).await);
         assert!(f
             .mirror
             .endpoint_by_slug("acme/one")
@@ -1631,12 +1578,7 @@ mod tests {
         f.db.insert_api_key(new_key("g1", 2)).await.unwrap();
         f.mirror.refresh().await.unwrap();
         for n in [1, 2] {
-            assert!(f
-                .mirror
-                .resolve_api_key(&prefix(n))
-                .await
-                .unwrap()
-                .is_some());
+            assert!(f.knows(&prefix(n)).await);
         }
         f.db.revoke_api_key("g1", &prefix(1), T0)
             .await
@@ -1646,18 +1588,8 @@ mod tests {
         let stats = f.mirror.stats();
         assert_eq!((stats.reloads, stats.cached_keys), (2, 1));
         assert_eq!(stats.cursor, f.db.newest_config_change().await.unwrap());
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_none());
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(2))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(!f.knows(&prefix(1)).await);
+        assert!(f.knows(&prefix(2)).await);
     }
 
     #[tokio::test]
@@ -1668,12 +1600,7 @@ mod tests {
         };
         let f = fixture(options).await;
         for n in 0..10 {
-            assert!(f
-                .mirror
-                .resolve_api_key(&prefix(n))
-                .await
-                .unwrap()
-                .is_none());
+            assert!(!f.knows(&prefix(n)).await);
         }
         assert_eq!(f.mirror.stats().absent_keys, 4);
     }
@@ -1693,12 +1620,7 @@ mod tests {
         }
         f.mirror.refresh().await.unwrap();
         for n in 0..10 {
-            assert!(f
-                .mirror
-                .resolve_api_key(&prefix(n))
-                .await
-                .unwrap()
-                .is_some());
+            assert!(f.knows(&prefix(n)).await);
         }
         assert_eq!(f.mirror.stats().cached_keys, 4);
     }
@@ -1724,12 +1646,7 @@ mod tests {
         .await
         .unwrap();
         f.mirror.refresh().await.unwrap();
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(f.knows(&prefix(1)).await);
 
         f.db.close().await;
         let grant = f.mirror.resolve_api_key(&prefix(1)).await.unwrap().unwrap();
@@ -1755,12 +1672,7 @@ mod tests {
         );
         assert!(f.mirror.refresh().await.is_err());
         // Known down: answered at once, from memory, the same way.
-        assert!(f
-            .mirror
-            .resolve_api_key(&prefix(1))
-            .await
-            .unwrap()
-            .is_some());
+        assert!(f.knows(&prefix(1)).await);
         let uncached = f.mirror.resolve_api_key(&prefix(2)).await;
         assert!(
             matches!(uncached, Err(StoreError::Database(_))),

@@ -44,22 +44,10 @@ struct Options {
 }
 
 fn options() -> Options {
-    let mut options = Options {
-        runs: 3,
-        requests: 4000,
-    };
-    let args: Vec<String> = std::env::args().collect();
-    let mut at = 1;
-    while at < args.len() {
-        let value = || args.get(at + 1).and_then(|v| v.parse().ok());
-        match args[at].as_str() {
-            "--runs" => options.runs = value().expect("--runs N"),
-            "--requests" => options.requests = value().expect("--requests N"),
-            _ => {} // cargo bench passes `--bench`
-        }
-        at += 1;
+    Options {
+        runs: gateway::flag("--runs", 3),
+        requests: gateway::flag("--requests", 4000),
     }
-    options
 }
 
 /// One level's figures in one run.

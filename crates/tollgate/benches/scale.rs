@@ -54,23 +54,11 @@ struct Options {
 }
 
 fn options() -> Options {
-    let mut options = Options {
-        groups: 100_000,
-        keys: 1_000_000,
-        requests: 3000,
+    let options = Options {
+        groups: gateway::flag("--groups", 100_000),
+        keys: gateway::flag("--keys", 1_000_000),
+        requests: gateway::flag("--requests", 3000),
     };
-    let args: Vec<String> = std::env::args().collect();
-    let mut at = 1;
-    while at < args.len() {
-        let value = || args.get(at + 1).and_then(|v| v.parse().ok());
-        match args[at].as_str() {
-            "--groups" => options.groups = value().expect("--groups N"),
-            "--keys" => options.keys = value().expect("--keys N"),
-            "--requests" => options.requests = value().expect("--requests N"),
-            _ => {} // cargo bench passes `--bench`
-        }
-        at += 1;
-    }
     assert!(
         options.groups >= 10_000 && options.groups.is_multiple_of(10_000),
         "--groups must be a multiple of 10,000 (the small workspace has 1/100 of them, in trees of 100)"

@@ -124,3 +124,16 @@ impl Gateway {
         flushed.expect("no `usage events flushed` line")
     }
 }
+
+/// The number after `--name` on the command line, or `default`; anything else there (cargo
+/// passes `--bench`) is ignored. A value that is not a number stops the program.
+pub fn flag(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|arg| arg == name) {
+        Some(at) => args
+            .get(at + 1)
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("{name} N")),
+        None => default,
+    }
+}

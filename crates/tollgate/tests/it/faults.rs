@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tollgate_testkit::{MockUpstream, PostgresServer, RedisServer};
 
-use crate::multi_instance::{chat_body, on_m, Instance, Shared, ADMIN_KEY};
+use crate::multi_instance::{on_m, Instance, Shared, ADMIN_KEY};
 
 /// How long a log line or a switch back may take to show.
 const WAIT: Duration = Duration::from_secs(15);
@@ -81,14 +81,7 @@ struct Answer {
 
 /// One chat call through `instance`.
 async fn call(instance: &Instance, key: &str) -> Answer {
-    let answer = instance
-        .http
-        .post(instance.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
+    let answer = instance.chat_response(key).await;
     let status = answer.status().as_u16();
     let request_id = answer
         .headers()

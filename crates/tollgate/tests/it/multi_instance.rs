@@ -254,15 +254,18 @@ impl Instance {
 
     /// One chat call: status and JSON body.
     pub(crate) async fn chat(&self, key: &str) -> (u16, Value) {
-        let answer = self
-            .http
+        status_json(self.chat_response(key).await).await
+    }
+
+    /// One chat call ([`chat_body`]) with `key`: the response, body unread.
+    pub(crate) async fn chat_response(&self, key: &str) -> reqwest::Response {
+        self.http
             .post(self.url("/v1/chat/completions"))
             .bearer_auth(key)
             .json(&chat_body())
             .send()
             .await
-            .unwrap();
-        status_json(answer).await
+            .unwrap()
     }
 }
 

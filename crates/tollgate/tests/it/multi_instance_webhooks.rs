@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tollgate_testkit::{MockUpstream, ReceivedWebhook, SinkReply, WebhookSink};
 
-use crate::multi_instance::{chat_body, on_m, Instance, Shared, ADMIN_KEY};
+use crate::multi_instance::{on_m, Instance, Shared, ADMIN_KEY};
 use crate::support::ok_json;
 
 const HOOKS: &str = "/v1/gateway/webhook_endpoints";
@@ -43,14 +43,7 @@ async fn customer_and_hook(
 
 /// One chat call that must answer 200; returns its `x-request-id`.
 async fn served(instance: &Instance, key: &str) -> String {
-    let answer = instance
-        .http
-        .post(instance.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap();
+    let answer = instance.chat_response(key).await;
     let status = answer.status();
     let id = answer
         .headers()
