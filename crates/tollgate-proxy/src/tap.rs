@@ -216,7 +216,11 @@ impl StreamReader {
             } => LineKind::LoneComment,
             LineRole::Comment { .. } | LineRole::Field => LineKind::InsideEvent,
             LineRole::EventEnd(event) => LineKind::EventEnd {
-                is_usage_only: event.is_some_and(|event| self.read_event(&event)),
+                is_usage_only: event.is_some_and(|event| {
+                    let is_usage_only = self.read_event(&event);
+                    self.assembler.recycle(event.data);
+                    is_usage_only
+                }),
             },
         }
     }
@@ -430,20 +434,12 @@ pub struct BodySummary {
 /// Reads usage from a complete non-streamed JSON body (same usage rules as a stream; a
 /// body that is not a JSON object has neither usage nor error).
 pub fn summarize_body(body: &[u8]) -> BodySummary {
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(serde_json::Value::Object(object)) => {
-            let facts = payload::read_chunk(&object);
-            BodySummary {
-                usage: facts
-                    .usage
-                    .filter(|usage| !usage.is_all_zero())
-                    .and_then(|usage| usage.resolve()),
-                is_error: facts.is_error,
-            }
-        }
-        _ => BodySummary {
-            usage: None,
-            is_error: false,
-        },
+    let facts = payload::read_object(body).unwrap_or_default();
+    BodySummary {
+        usage: facts
+            .usage
+            .filter(|usage| !usage.is_all_zero())
+            .and_then(|usage| usage.resolve()),
+        is_error: facts.is_error,
     }
 }

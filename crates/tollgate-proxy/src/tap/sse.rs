@@ -9,6 +9,9 @@
 /// Largest event (line or joined `data`) the tap keeps in memory.
 pub(super) const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
+/// Largest event buffer kept from one event to the next.
+const RECYCLED_CAPACITY: usize = 64 * 1024;
+
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// One step of splitting a read into lines.
@@ -226,11 +229,51 @@ impl EventAssembler {
         })
     }
 
+    /// Takes back the buffer of an event that has been read, to assemble the next one in
+    /// (one allocation per stream instead of one per event); a buffer grown past
+    /// `RECYCLED_CAPACITY` is let go, so a rare large event does not stay resident.
+    pub(super) fn recycle(&mut self, mut data: Vec<u8>) {
+        if self.data.capacity() == 0 && data.capacity() <= RECYCLED_CAPACITY {
+            data.clear();
+            self.data = data;
+        }
+    }
+
     fn discard(&mut self) {
         if !self.is_discarding {
             self.is_discarding = true;
             self.oversize_events += 1;
             self.data = Vec::new();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{EventAssembler, LineRole, RECYCLED_CAPACITY};
+
+    fn one_event(assembler: &mut EventAssembler, data: &[u8]) -> Vec<u8> {
+        let mut line = b"data: ".to_vec();
+        line.extend_from_slice(data);
+        assert_eq!(assembler.push(Some(&line)), LineRole::Field);
+        match assembler.push(Some(b"")) {
+            LineRole::EventEnd(Some(event)) => event.data,
+            other => panic!("expected an event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_read_event_buffer_is_reused_unless_it_grew_large() {
+        let mut assembler = EventAssembler::default();
+        let data = one_event(&mut assembler, b"{\"a\":1}");
+        let pointer = data.as_ptr();
+        assembler.recycle(data);
+        let next = one_event(&mut assembler, b"{\"b\":2}");
+        assert_eq!(next, b"{\"b\":2}");
+        assert_eq!(next.as_ptr(), pointer);
+
+        let large = one_event(&mut assembler, &vec![b'x'; RECYCLED_CAPACITY + 1]);
+        assembler.recycle(large);
+        assert_eq!(assembler.data.capacity(), 0);
     }
 }
