@@ -257,7 +257,7 @@ async fn open_stream(
     mut chunks: BoxStream<'static, reqwest::Result<Bytes>>,
     idle: Duration,
 ) -> Opening {
-    let mut probe = StreamTap::new(false);
+    let mut probe = StreamTap::opening();
     let mut read: Vec<reqwest::Result<Bytes>> = Vec::new();
     let mut read_bytes = 0_usize;
     loop {

@@ -69,6 +69,8 @@ pub struct StreamTap {
     /// `Some` when stripping the usage-only chunk.
     forwarder: Option<Forwarder>,
     is_finished: bool,
+    /// Reads no further than the stream's first event (`StreamTap::opening`).
+    stops_at_first_event: bool,
 }
 
 impl StreamTap {
@@ -81,6 +83,17 @@ impl StreamTap {
             reader: StreamReader::default(),
             forwarder: strip_usage_chunk.then(Forwarder::default),
             is_finished: false,
+            stops_at_first_event: false,
+        }
+    }
+
+    /// A tap for a stream's opening: it reads up to the first event (a JSON chunk, an
+    /// error, or `[DONE]`) and no further, so the bytes after it in the same read are
+    /// parsed once, by the tap that meters the stream, not twice. Forwards every byte.
+    pub fn opening() -> Self {
+        Self {
+            stops_at_first_event: true,
+            ..Self::new(false)
         }
     }
 
@@ -99,7 +112,12 @@ impl StreamTap {
                 Piece::Partial { end } => (end, Step::Unfinished),
                 Piece::Line { end, text } => {
                     let line = self.splitter.text(&chunk, text);
-                    (end, Step::Line(self.reader.read_line(line)))
+                    let kind = self.reader.read_line(line);
+                    if self.stops_at_first_event && self.has_read_an_event() {
+                        self.is_finished = true;
+                        return chunk;
+                    }
+                    (end, Step::Line(kind))
                 }
             };
             if let Some(forwarder) = &mut self.forwarder {

@@ -967,6 +967,37 @@ fn feeding_after_finish_passes_through_and_finish_is_idempotent() {
 }
 
 #[test]
+fn an_opening_tap_reads_up_to_the_first_event_only() {
+    let stream = format!(
+        ": keep-alive\n\n{}{}{}{DONE}",
+        ev(&content("a")),
+        ev(r#"{"error":{"message":"later"}}"#),
+        ev(&usage_chunk(3, 2))
+    );
+    let mut tap = StreamTap::opening();
+    let read = Bytes::from(stream.clone());
+    assert_eq!(tap.feed(read.clone()), read);
+    assert!(tap.has_read_an_event());
+    // The error, the usage and `[DONE]` after the first event were left unread.
+    assert_eq!(tap.first_error(), None);
+    assert_eq!(tap.summary(), summary(None, StreamEnd::Truncated, 1));
+    assert!(!tap.has_seen_done());
+
+    // Split inside the first event: nothing is known until its blank line.
+    let mut tap = StreamTap::opening();
+    let error = ev(r#"{"error":{"message":"first"}}"#);
+    let (head, tail) = error.split_at(10);
+    tap.feed(Bytes::from(head.to_owned()));
+    assert!(!tap.has_read_an_event());
+    tap.feed(Bytes::from(format!("{tail}{}", ev(&content("b")))));
+    assert_eq!(
+        tap.first_error(),
+        Some(&br#"{"error":{"message":"first"}}"#[..])
+    );
+    assert_eq!(tap.summary(), error_summary(true, 0, None));
+}
+
+#[test]
 fn summary_is_available_mid_stream() {
     let mut tap = StreamTap::new(false);
     tap.feed(Bytes::from(format!(
