@@ -10,6 +10,12 @@ use tollgate::database::Database;
 use tollgate::{bootstrap, server};
 use tollgate_core::SystemClock;
 
+/// mimalloc instead of the system allocator: a proxied request allocates and frees many
+/// small buffers across threads, where glibc's malloc spent 11–13% of the CPU
+/// (docs/BENCHMARKS.md, "Where the time goes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
