@@ -160,15 +160,55 @@ http {{
     return process
 
 
-def manage(base, method, path, body):
+def manage(base, method, path, body=None):
     request = urllib.request.Request(
         base + path,
-        data=json.dumps(body).encode(),
+        data=None if body is None else json.dumps(body).encode(),
         method=method,
         headers={"Authorization": f"Api-Key {ADMIN_KEY}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
+
+
+def create_group(base, slugs, level, external_id, parent):
+    """A group at `level` (0 = root) of the CASCADING tree, with REQUEST/MINUTE and
+    TOKEN/MINUTE rate limits and a TOKEN/DAY usage limit per slug; returns its id."""
+    scale = 10 ** (3 - level)  # each level tighter than its parent (CASCADING)
+    models = [
+        {
+            "slug": slug,
+            "rate_limits": [
+                {"type": "REQUEST", "unit": "MINUTE", "threshold": 1_000_000 * scale},
+                {"type": "TOKEN", "unit": "MINUTE", "threshold": 1_000_000_000 * scale},
+            ],
+            "usage_limits": [{"type": "TOKEN", "unit": "DAY", "threshold": 1_000_000_000_000 * scale}],
+        }
+        for slug in slugs.values()
+    ]
+    group = manage(
+        base,
+        "POST",
+        "/v1/gateway/groups",
+        {
+            "metadata": {"external_entity_id": external_id},
+            "models": models,
+            "hierarchy": {"limit_enforcement": "CASCADING", "parent_group_id": parent},
+        },
+    )
+    return group["id"]
+
+
+def stop_tollgate(process, work):
+    """Stops the gateway and returns the number of usage events it stored (an error if none)."""
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    with sqlite3.connect(os.path.join(work, "tollgate.db")) as db:
+        events = db.execute("SELECT count(*) FROM usage_events").fetchone()[0]
+    print(f"  usage events stored by Tollgate: {events}", flush=True)
+    if events == 0:
+        raise RuntimeError("Tollgate stored no usage event")
+    return events
 
 
 def start_tollgate(binary, work, upstream):
@@ -209,29 +249,7 @@ def start_tollgate(binary, work, upstream):
         )
     parent = None
     for level in range(3):
-        scale = 10 ** (3 - level)  # each level tighter than its parent (CASCADING)
-        models = [
-            {
-                "slug": slug,
-                "rate_limits": [
-                    {"type": "REQUEST", "unit": "MINUTE", "threshold": 1_000_000 * scale},
-                    {"type": "TOKEN", "unit": "MINUTE", "threshold": 1_000_000_000 * scale},
-                ],
-                "usage_limits": [{"type": "TOKEN", "unit": "DAY", "threshold": 1_000_000_000_000 * scale}],
-            }
-            for slug in slugs.values()
-        ]
-        group = manage(
-            base,
-            "POST",
-            "/v1/gateway/groups",
-            {
-                "metadata": {"external_entity_id": f"bench-level-{level}"},
-                "models": models,
-                "hierarchy": {"limit_enforcement": "CASCADING", "parent_group_id": parent},
-            },
-        )
-        parent = group["id"]
+        parent = create_group(base, slugs, level, f"bench-level-{level}", parent)
     key = manage(base, "POST", f"/v1/gateway/groups/{parent}/api_keys", {"name": "bench"})["api_key"]
     return process, base, key, slugs
 
@@ -339,30 +357,82 @@ def request_body(model, stream):
     return json.dumps(body, separators=(",", ":"))
 
 
-def wrk(work, url, key, body, duration):
+def wrk_script(work, body, keys, stop_after=None):
+    """The request script: no key, one key, or a list of keys taken in turn, request by
+    request (each wrk thread has its own turn, the second thread starting half-way); with
+    `stop_after`, each thread stops after that many responses and leaves a file
+    `<script>.stopped<thread>` behind."""
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body)}", 'wrk.headers["Content-Type"] = "application/json"']
+    if isinstance(keys, str):
+        lines.append(f'wrk.headers["Authorization"] = "Bearer {keys}"')
+    elif keys:
+        lines += [
+            "local keys = {" + ",".join(json.dumps(k) for k in keys) + "}",
+            "local started, requests, turn = 0, {}, 1",
+            'function setup(thread) thread:set("offset", started); started = started + 1 end',
+            "function init(args)",
+            '  for i, key in ipairs(keys) do wrk.headers["Authorization"] = "Bearer " .. key; requests[i] = wrk.format() end',
+            "  turn = (offset or 0) * math.floor(#keys / 2) % #keys + 1",
+            "end",
+            "function request() local r = requests[turn]; turn = turn % #requests + 1; return r end",
+        ]
     script = os.path.join(work, "post.lua")
+    if stop_after:
+        lines += [
+            "local answered = 0",
+            "function response()",
+            "  answered = answered + 1",
+            f"  if answered == {stop_after} then",
+            f"    io.open({json.dumps(script + '.stopped')} .. (offset or 0), \"w\"):close()",
+            "    wrk.thread:stop()",
+            "  end",
+            "end",
+        ]
     with open(script, "w") as f:
-        f.write(
-            'wrk.method = "POST"\n'
-            f"wrk.body = {json.dumps(body)}\n"
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            + (f'wrk.headers["Authorization"] = "Bearer {key}"\n' if key else "")
-        )
-    out = subprocess.run(
-        ["wrk", "-t", "2", "-c", "64", "-d", f"{duration}s", "--timeout", "30s", "-s", script, url],
-        capture_output=True,
+        f.write("\n".join(lines) + "\n")
+    return script
+
+
+def wrk_stats(work, url, keys, body, duration, connections=64, threads=2, stop_after=None):
+    """wrk at saturation: requests completed, requests per second, p50 and p99 in µs. With
+    `stop_after`, wrk is interrupted (and reports) as soon as every thread has stopped."""
+    script = wrk_script(work, body, keys, stop_after)
+    stopped = [f"{script}.stopped{t}" for t in range(threads)]
+    for path in stopped:
+        if os.path.exists(path):
+            os.remove(path)
+    process = subprocess.Popen(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "30s",
+         "--latency", "-s", script, url],
+        stdout=subprocess.PIPE,
         text=True,
-        check=True,
-    ).stdout
+    )
+    while stop_after and process.poll() is None and not all(os.path.exists(p) for p in stopped):
+        time.sleep(0.05)
+    if process.poll() is None and stop_after:
+        process.send_signal(signal.SIGINT)  # wrk prints its figures on SIGINT
+    out = process.communicate()[0]
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk exited with {process.returncode}: {out}")
     requests = int(re.search(r"(\d+) requests in", out).group(1))
-    seconds = float(re.search(r"requests in ([\d.]+)s", out).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     if errors:
         raise RuntimeError(f"{url}: {errors.group(0)}")
     if socket_errors:
         print(f"  wrk: {socket_errors.group(0)}")
-    return requests, requests / seconds
+    unit = {"us": 1, "ms": 1e3, "s": 1e6, "m": 60e6}
+    percentile = {
+        p: float(v) * unit[u] for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+    }
+    return {"requests": requests, "rps": rps, "p50": percentile["50"], "p99": percentile["99"]}
+
+
+def wrk(work, url, key, body, duration):
+    """wrk, 2 threads, 64 connections: requests completed and requests per second."""
+    stats = wrk_stats(work, url, key, body, duration)
+    return stats["requests"], stats["rps"]
 
 
 def oha(binary, url, key, body, rate, duration):
@@ -472,13 +542,7 @@ def main():
         idle = rss_mib(gateway.pid)
         results["Tollgate"] = measure("Tollgate", gateway.pid, base, "/v1", key, slugs, args, work)
         results["Tollgate"]["idle"] = idle
-        gateway.send_signal(signal.SIGTERM)
-        gateway.wait(timeout=30)
-        with sqlite3.connect(os.path.join(work, "tollgate.db")) as db:
-            events = db.execute("SELECT count(*) FROM usage_events").fetchone()[0]
-        print(f"  usage events stored by Tollgate: {events}", flush=True)
-        if events == 0:
-            raise RuntimeError("Tollgate stored no usage event")
+        stop_tollgate(gateway, work)
         if args.litellm:
             proxy, base, key, models = start_litellm(args.litellm, work, upstream)
             processes.append(proxy)
