@@ -1037,21 +1037,24 @@ impl Store for SqliteStore {
         if group_ids.is_empty() {
             return Ok(None);
         }
-        let mut query = QueryBuilder::new(
+        // The ids go in as one JSON array rather than one parameter each: a CASCADING
+        // root's pool can hold more groups than SQLite allows parameters (32,766), and
+        // the index on (group_id, model_slug, timestamp) is still searched id by id.
+        let ids = serde_json::to_string(group_ids)
+            .map_err(|e| StoreError::Corrupt(format!("group ids as JSON: {e}")))?;
+        let row = sqlx::query(
             "SELECT COUNT(*) AS requests, \
              COALESCE(SUM(input_tokens + output_tokens), 0) AS tokens \
-             FROM usage_events WHERE group_id IN (",
-        );
-        let mut ids = query.separated(", ");
-        for id in group_ids {
-            ids.push_bind(id.clone());
-        }
-        query.push(") AND model_slug = ").push_bind(slug.to_owned());
-        query.push(" AND timestamp >= ").push_bind(day_start.0);
-        query
-            .push(" AND timestamp < ")
-            .push_bind(day_start.0.saturating_add(tollgate_core::clock::DAY_MS));
-        let row = query.build().fetch_one(&self.read).await?;
+             FROM usage_events \
+             WHERE group_id IN (SELECT value FROM json_each(?1)) \
+             AND model_slug = ?2 AND timestamp >= ?3 AND timestamp < ?4",
+        )
+        .bind(ids)
+        .bind(slug)
+        .bind(day_start.0)
+        .bind(day_start.0.saturating_add(tollgate_core::clock::DAY_MS))
+        .fetch_one(&self.read)
+        .await?;
         let requests: i64 = sqlx::Row::try_get(&row, "requests")?;
         let tokens: i64 = sqlx::Row::try_get(&row, "tokens")?;
         if requests == 0 {

@@ -1601,6 +1601,18 @@ pub async fn day_usage_sums_one_utc_day(store: Arc<dyn Store>) {
     assert_eq!(usage(&["grp_3"], M, DAY).await, None);
     assert_eq!(usage(&["grp_1"], "acme/none", DAY).await, None);
     assert_eq!(usage(&[], M, DAY).await, None);
+    // A listed id twice counts once, as in any IN list.
+    assert_eq!(usage(&["grp_2", "grp_2"], M, DAY).await, day_usage(1, 3));
+
+    // A CASCADING root's pool can hold more groups than SQLite takes parameters
+    // (32,766): 40,000 ids, the two with usage at the far ends of the list.
+    let mut many: Vec<String> = vec!["grp_1".into()];
+    many.extend((0..39_998).map(|n| format!("grp_x{n}")));
+    many.push("grp_2".into());
+    assert_eq!(
+        store.day_usage(&many, M, DAY).await.unwrap(),
+        day_usage(3, 43)
+    );
 }
 
 pub async fn pool_descendant_ids_cover_every_depth(store: Arc<dyn Store>) {
