@@ -3,9 +3,12 @@
 //! The limiter asks once per (counter group, slug, day), the first time a DAY counter of
 //! that day is touched, outside any lock; later requests of the day count in memory.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::OnceCell;
 use tollgate_core::{LimitMode, Timestamp};
 use tollgate_store::{DayUsage, Store};
 
@@ -64,6 +67,74 @@ impl DayBaseline for StoreBaseline {
             requests: 0,
             tokens: 0,
         }))
+    }
+}
+
+/// One load at a time per (counter group, slug, mode, day): callers that ask while a load
+/// of the same baseline is in flight wait for its answer instead of reading again.
+///
+/// Without it, the concurrent first requests of a day each read the same pool: with 64
+/// connections on fresh keys under one CASCADING root, every admission summed the root's
+/// whole subtree for itself. Once a load has answered it is forgotten, so a later day (or
+/// a retry after an error) reads afresh. A waiter that is dropped (its client left) hands
+/// the load to the next waiter; the answer is the same either way.
+pub struct Coalesced<B> {
+    inner: B,
+    in_flight: Mutex<HashMap<LoadKey, Arc<Load>>>,
+}
+
+type Load = OnceCell<Result<DayUsage, LimiterError>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LoadKey {
+    counter_group: String,
+    slug: String,
+    mode: LimitMode,
+    day_start: i64,
+}
+
+impl<B: DayBaseline> Coalesced<B> {
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Loads in flight now (for tests: none once every caller has its answer).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().len()
+    }
+}
+
+#[async_trait]
+impl<B: DayBaseline> DayBaseline for Coalesced<B> {
+    async fn day_usage(
+        &self,
+        counter_group: &str,
+        slug: &str,
+        mode: LimitMode,
+        day_start: Timestamp,
+    ) -> Result<DayUsage, LimiterError> {
+        let key = LoadKey {
+            counter_group: counter_group.to_owned(),
+            slug: slug.to_owned(),
+            mode,
+            day_start: day_start.0,
+        };
+        let load = Arc::clone(self.in_flight.lock().entry(key.clone()).or_default());
+        let answer = load
+            .get_or_init(|| self.inner.day_usage(counter_group, slug, mode, day_start))
+            .await
+            .clone();
+        let mut in_flight = self.in_flight.lock();
+        if in_flight
+            .get(&key)
+            .is_some_and(|current| Arc::ptr_eq(current, &load))
+        {
+            in_flight.remove(&key);
+        }
+        answer
     }
 }
 

@@ -37,7 +37,7 @@ use tollgate_core::hierarchy::EffectiveLimit;
 use tollgate_core::LimitMode;
 
 pub use self::redis::RedisLimiter;
-pub use baseline::{DayBaseline, NoStoredUsage, StoreBaseline};
+pub use baseline::{Coalesced, DayBaseline, NoStoredUsage, StoreBaseline};
 pub use fallback::{
     FallbackLimiter, FallbackSettings, DEFAULT_CALL_TIMEOUT, DEFAULT_PROBE_INTERVAL,
 };
@@ -159,7 +159,7 @@ impl CounterKey {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LimiterError {
     /// The stored usage a DAY counter starts from could not be read.
     #[error("loading day usage: {0}")]

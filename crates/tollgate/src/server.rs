@@ -155,8 +155,10 @@ pub async fn start_with_clock(
     });
     let http = tollgate_proxy::http_client().context("building the upstream HTTP client")?;
     // DAY counters start each day from the usage already stored, so a restart never
-    // resets a customer's day.
-    let baseline = Arc::new(tollgate_limits::StoreBaseline::new(store.clone()));
+    // resets a customer's day; concurrent first requests share one read.
+    let baseline = Arc::new(tollgate_limits::Coalesced::new(
+        tollgate_limits::StoreBaseline::new(store.clone()),
+    ));
     let metrics = tollgate_metrics::Metrics::new();
     let watched = mirror.clone();
     metrics

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tollgate_core::clock::{Clock, Timestamp};
 use tollgate_core::LimitMode::{Cascading, Independent};
-use tollgate_limits::{DayBaseline, LimiterError, StoreBaseline};
+use tollgate_limits::{Coalesced, DayBaseline, LimiterError, StoreBaseline};
 use tollgate_store::{DayUsage, NewGroup, SqliteStore, Store, UsageEvent, UsageStatus};
 
 use super::*;
@@ -283,10 +283,209 @@ async fn a_baseline_error_debits_nothing(backend: Backend) {
     assert!(admitted(admit(&limiter, &limits(&[&b]), Independent, 0).await).is_some());
 }
 
+/// Through the limiter: the 8 concurrent first requests of C05 share one read, and
+/// exactly one is still admitted.
+async fn concurrent_first_requests_share_one_coalesced_load(backend: Backend) {
+    let tree = Tree::new().await;
+    // A limit of 2 with one request already stored today: one more fits.
+    let b = tree
+        .add(group("B", Independent, None, &[(REQUEST, DAY, 2)]))
+        .await;
+    tree.event(&b.id, SLUG, Timestamp(DAY0 + 1), (0, 0)).await;
+    let counted = Arc::new(Counted {
+        inner: StoreBaseline::new(tree.store.clone()),
+        loads: AtomicUsize::new(0),
+        delay: Duration::from_millis(50),
+    });
+    let coalesced = Arc::new(Coalesced::new(CountedRef(counted.clone())));
+    let (limiter, _clock) = backend
+        .over(coalesced.clone(), utc("2026-12-03T12:00:00Z"))
+        .await;
+    let limiter = Arc::new(limiter);
+    let gating = Arc::new(limits(&[&b]));
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (limiter, gating, barrier) = (limiter.clone(), gating.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            admitted(admit(limiter.as_ref(), &gating, Independent, 0).await).is_some()
+        }));
+    }
+    let mut admitted_count = 0;
+    for task in tasks {
+        admitted_count += usize::from(task.await.unwrap());
+    }
+    assert_eq!(admitted_count, 1);
+    assert_eq!(counted.loads.load(Ordering::SeqCst), 1);
+    assert_eq!(usage(&limiter, "B", REQUEST, DAY).await, 2);
+    assert_eq!(coalesced.in_flight(), 0);
+}
+
+/// `Counted` behind an `Arc`, so a test keeps its count while `Coalesced` owns the rest.
+struct CountedRef<B>(Arc<Counted<B>>);
+
+#[async_trait]
+impl<B: DayBaseline> DayBaseline for CountedRef<B> {
+    async fn day_usage(
+        &self,
+        counter_group: &str,
+        slug: &str,
+        mode: LimitMode,
+        day_start: Timestamp,
+    ) -> Result<DayUsage, LimiterError> {
+        self.0.day_usage(counter_group, slug, mode, day_start).await
+    }
+}
+
 crate::conformance! {
     #[tokio::test] a_restart_continues_the_day_from_stored_usage,
     #[tokio::test] a_cascading_day_pool_starts_from_the_subtrees_usage,
     #[tokio::test] the_baseline_is_loaded_once_per_group_and_day,
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)] concurrent_first_requests_of_a_new_group_admit_exactly_one,
     #[tokio::test] a_baseline_error_debits_nothing,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)] concurrent_first_requests_share_one_coalesced_load,
+}
+
+mod coalesced {
+    //! `Coalesced` on its own: who shares a load, who reads afresh.
+
+    use super::*;
+
+    struct Fixture {
+        tree: Tree,
+        counted: Arc<Counted<StoreBaseline>>,
+        coalesced: Arc<Coalesced<CountedRef<StoreBaseline>>>,
+    }
+
+    async fn fixture(delay: Duration) -> Fixture {
+        let tree = Tree::new().await;
+        let a = tree.add(group("A", Independent, None, &[])).await;
+        tree.event(&a.id, SLUG, Timestamp(DAY0 + 5), (3, 4)).await;
+        tree.event(&a.id, SLUG, Timestamp(DAY0 + 6), (10, 20)).await;
+        let counted = Arc::new(Counted {
+            inner: StoreBaseline::new(tree.store.clone()),
+            loads: AtomicUsize::new(0),
+            delay,
+        });
+        let coalesced = Arc::new(Coalesced::new(CountedRef(counted.clone())));
+        Fixture {
+            tree,
+            counted,
+            coalesced,
+        }
+    }
+
+    fn load(
+        coalesced: &Arc<Coalesced<CountedRef<StoreBaseline>>>,
+        slug: &'static str,
+        day: i64,
+    ) -> tokio::task::JoinHandle<Result<DayUsage, LimiterError>> {
+        let coalesced = coalesced.clone();
+        tokio::spawn(async move {
+            coalesced
+                .day_usage("A", slug, Independent, Timestamp(day))
+                .await
+        })
+    }
+
+    const TODAY: DayUsage = DayUsage {
+        requests: 2,
+        tokens: 37,
+    };
+    const NONE: DayUsage = DayUsage {
+        requests: 0,
+        tokens: 0,
+    };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_of_the_same_baseline_share_one_read() {
+        let f = fixture(Duration::from_millis(50)).await;
+        let same: Vec<_> = (0..6).map(|_| load(&f.coalesced, SLUG, DAY0)).collect();
+        // Another slug and another day are other baselines, read apart.
+        let other_slug = load(&f.coalesced, "acme/other", DAY0);
+        let other_day = load(&f.coalesced, SLUG, DAY0 - 86_400_000);
+        for task in same {
+            assert_eq!(task.await.unwrap().unwrap(), TODAY);
+        }
+        assert_eq!(other_slug.await.unwrap().unwrap(), NONE);
+        assert_eq!(other_day.await.unwrap().unwrap(), NONE);
+        assert_eq!(f.counted.loads.load(Ordering::SeqCst), 3);
+        assert_eq!(f.coalesced.in_flight(), 0);
+
+        // An answered load is forgotten: the next caller reads again, and sees what was
+        // stored since.
+        f.tree.event("A", SLUG, Timestamp(DAY0 + 7), (1, 1)).await;
+        let again = load(&f.coalesced, SLUG, DAY0).await.unwrap().unwrap();
+        assert_eq!(
+            again,
+            DayUsage {
+                requests: 3,
+                tokens: 39
+            }
+        );
+        assert_eq!(f.counted.loads.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_caller_hands_the_load_to_the_next() {
+        let f = fixture(Duration::from_millis(100)).await;
+        let first = load(&f.coalesced, SLUG, DAY0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = load(&f.coalesced, SLUG, DAY0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The caller running the read goes away (its client disconnected).
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        assert_eq!(second.await.unwrap().unwrap(), TODAY);
+        // The aborted read started, and the waiter ran its own.
+        assert_eq!(f.counted.loads.load(Ordering::SeqCst), 2);
+        assert_eq!(f.coalesced.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_error_reaches_every_waiter_and_is_not_kept() {
+        struct FailingOnce {
+            calls: AtomicUsize,
+        }
+        #[async_trait]
+        impl DayBaseline for FailingOnce {
+            async fn day_usage(
+                &self,
+                _counter_group: &str,
+                _slug: &str,
+                _mode: LimitMode,
+                _day_start: Timestamp,
+            ) -> Result<DayUsage, LimiterError> {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match self.calls.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(LimiterError::Baseline("database is locked".into())),
+                    _ => Ok(TODAY),
+                }
+            }
+        }
+        let coalesced = Arc::new(Coalesced::new(FailingOnce {
+            calls: AtomicUsize::new(0),
+        }));
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let coalesced = coalesced.clone();
+                tokio::spawn(async move {
+                    coalesced
+                        .day_usage("A", SLUG, Independent, Timestamp(DAY0))
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let error = task.await.unwrap().unwrap_err();
+            assert_eq!(error.to_string(), "loading day usage: database is locked");
+        }
+        let retried = coalesced
+            .day_usage("A", SLUG, Independent, Timestamp(DAY0))
+            .await
+            .unwrap();
+        assert_eq!(retried, TODAY);
+        assert_eq!(coalesced.in_flight(), 0);
+    }
 }
