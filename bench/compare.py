@@ -21,6 +21,10 @@ chunks, a finish chunk, a usage chunk (`choices: []`) and `[DONE]` under
 - streaming: time to the first `data:` bytes, p50 / p99 of `--ttfb-requests` sequential
   requests on new connections, and the same wrk saturation run on the stream.
 
+Between the upstream alone and Tollgate, a second nginx relays to the upstream
+(`proxy_pass` over kept-alive connections, unbuffered): what a relay that does nothing
+else costs on the same machine.
+
 Tollgate does the full work per request: key authentication, a 3-level CASCADING tree
 with REQUEST/MINUTE and TOKEN/MINUTE rate limits and a TOKEN/DAY usage limit at each
 level (thresholds never reached), the usage event committed to SQLite before the last
@@ -142,6 +146,43 @@ http {{
     }}
 }}
 """
+    return run_nginx(work, port, conf)
+
+
+def start_nginx_relay(work, port, upstream):
+    """nginx as a bare reverse proxy in front of the upstream: what relaying alone (a
+    second hop, a pooled upstream connection, streams passed through unbuffered) costs
+    on this machine, with no key, limit or usage event."""
+    work = os.path.join(work, "relay")
+    os.makedirs(work, exist_ok=True)
+    os.chmod(work, 0o755)
+    conf = f"""
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    proxy_temp_path {work}/nginx-proxy;
+    keepalive_requests 1000000;
+    upstream models {{ server {upstream.removeprefix("http://")}; keepalive 128; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://models;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+    return run_nginx(work, port, conf)
+
+
+def run_nginx(work, port, conf):
     path = os.path.join(work, "nginx.conf")
     with open(path, "w") as f:
         f.write(conf)
@@ -211,11 +252,18 @@ def stop_tollgate(process, work):
     return events
 
 
-def start_tollgate(binary, work, upstream):
+def start_tollgate(binary, work, upstream, log="warn"):
+    process, base = launch_tollgate(binary, work, log)
+    key, slugs = seed_tollgate(base, upstream)
+    return process, base, key, slugs
+
+
+def launch_tollgate(binary, work, log="warn"):
+    """`tollgate serve` on work/tollgate.db (created or reopened), its log in work/tollgate.log."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
     env.update(
-        RUST_LOG="warn",
+        RUST_LOG=log,
         TOLLGATE_ADMIN_KEY=ADMIN_KEY,
         TOLLGATE_ALLOW_PRIVATE_NETWORKS="true",
     )
@@ -229,6 +277,11 @@ def start_tollgate(binary, work, upstream):
     )
     base = f"http://127.0.0.1:{port}"
     wait_http(base + "/v1/gateway/groups", headers={"Authorization": f"Api-Key {ADMIN_KEY}"})
+    return process, base
+
+
+def seed_tollgate(base, upstream):
+    """The endpoints, the 3-level tree and a key on its leaf; returns (key, slugs)."""
     slugs = {"json": "bench/json", "sse": "bench/sse"}
     for kind, slug in slugs.items():
         manage(
@@ -251,7 +304,7 @@ def start_tollgate(binary, work, upstream):
     for level in range(3):
         parent = create_group(base, slugs, level, f"bench-level-{level}", parent)
     key = manage(base, "POST", f"/v1/gateway/groups/{parent}/api_keys", {"name": "bench"})["api_key"]
-    return process, base, key, slugs
+    return key, slugs
 
 
 def start_litellm(binary, work, upstream):
@@ -483,6 +536,9 @@ def ttfb(base_url, path, key, body, count):
     return samples[len(samples) // 2], samples[min(len(samples) - 1, len(samples) * 99 // 100)]
 
 
+RELAY = "nginx as a relay (proxy_pass, 1 worker)"
+
+
 def measure(name, pid, base, path_prefix, key, models, args, work):
     print(f"{name}:", flush=True)
     figures = {}
@@ -537,6 +593,15 @@ def main():
             "upstream alone", nginx.pid, upstream, "/{kind}/v1", None,
             {"json": "m", "sse": "m"}, args, work,
         )
+        relay_port = free_port()
+        relay = start_nginx_relay(work, relay_port, upstream)
+        processes.append(relay)
+        results[RELAY] = measure(
+            "nginx as a relay", relay.pid, f"http://127.0.0.1:{relay_port}", "/{kind}/v1", None,
+            {"json": "m", "sse": "m"}, args, work,
+        )
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(timeout=20)
         gateway, base, key, slugs = start_tollgate(args.tollgate, work, upstream)
         processes.append(gateway)
         idle = rss_mib(gateway.pid)
@@ -596,6 +661,13 @@ def report(results, upstream_name, base_rates):
             f"| {f['json']['cpu_us']:.1f} / {f['sse']['cpu_us']:.1f} | {ratio} "
             f"| {f['p50']:.0f} / {f['p99']:.0f} at {f['rate']} req/s | {added} "
             f"| {f['ttfb50']:.0f} / {f['ttfb99']:.0f} | {ttfb_added} | {idle} / {f['hwm']:.0f} |"
+        )
+    if RELAY in results:
+        t, r = results["Tollgate"], results[RELAY]
+        print()
+        print(
+            f"CPU per request Tollgate / the nginx relay: {t['json']['cpu_us'] / r['json']['cpu_us']:.1f} "
+            f"non-streamed, {t['sse']['cpu_us'] / r['sse']['cpu_us']:.1f} streamed"
         )
     if "LiteLLM proxy" in results:
         t, l = results["Tollgate"], results["LiteLLM proxy"]

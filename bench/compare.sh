@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Tollgate against LiteLLM proxy and against the upstream alone, in one run (the table in
 # docs/BENCHMARKS.md, "Comparison with LiteLLM"): nginx with fixed bodies as the upstream,
-# a release `tollgate serve` doing the full work per request, LiteLLM proxy with one
-# worker; throughput at saturation, CPU per request, latency at a fixed rate, stream
-# time to first byte, memory. Installs what it needs the first time: nginx and wrk from
+# nginx relaying to it (proxy_pass, nothing else), a release `tollgate serve` doing the
+# full work per request, LiteLLM proxy with one worker; throughput at saturation, CPU per
+# request, latency at a fixed rate, stream time to first byte, memory. Installs what it needs the first time: nginx and wrk from
 # Debian, oha from crates.io into bench/.tools, LiteLLM from PyPI into
 # bench/.venv-litellm (both ignored by git).
 #
