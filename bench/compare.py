@@ -240,21 +240,37 @@ def create_group(base, slugs, level, external_id, parent):
     return group["id"]
 
 
-def stop_tollgate(process, work):
-    """Stops the gateway and returns the number of usage events it stored (an error if none)."""
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
-    with sqlite3.connect(os.path.join(work, "tollgate.db")) as db:
+def stop_tollgate(process, work, check=True):
+    """Stops the gateway and returns the number of usage events it stored; with `check`,
+    none stored is an error. Cleanup after an error passes check=False, so that it
+    stops every process and never hides the error that started it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    path = os.path.join(work, "tollgate.db")
+    if not os.path.exists(path):
+        if check:
+            raise RuntimeError("Tollgate left no database at " + path)
+        return 0
+    with sqlite3.connect(path) as db:
         events = db.execute("SELECT count(*) FROM usage_events").fetchone()[0]
     print(f"  usage events stored by Tollgate: {events}", flush=True)
-    if events == 0:
+    if check and events == 0:
         raise RuntimeError("Tollgate stored no usage event")
     return events
 
 
 def start_tollgate(binary, work, upstream, log="warn"):
     process, base = launch_tollgate(binary, work, log)
-    key, slugs = seed_tollgate(base, upstream)
+    try:
+        key, slugs = seed_tollgate(base, upstream)
+    except BaseException:
+        stop_tollgate(process, work, check=False)
+        raise
     return process, base, key, slugs
 
 

@@ -110,8 +110,10 @@ def connections_curve(args, nginx, upstream, work):
             results["tollgate"][n] = saturate(
                 "Tollgate", gateway.pid, base + "/v1/chat/completions", key, slugs, args.duration, work, n
             )
-    finally:
-        compare.stop_tollgate(gateway, own)
+    except BaseException:
+        compare.stop_tollgate(gateway, own, check=False)
+        raise
+    compare.stop_tollgate(gateway, own)
     return results
 
 
@@ -150,9 +152,13 @@ def groups_curve(args, upstream, work):
                 )
         for n in args.active_groups:
             results[n]["rss"] = compare.rss_mib(gateways[n][0].pid)
-    finally:
+    except BaseException:
         for gateway, own in gateways.values():
-            compare.stop_tollgate(gateway, own)
+            compare.stop_tollgate(gateway, own, check=False)
+        raise
+    stored = [compare.stop_tollgate(gateway, own, check=False) for gateway, own in gateways.values()]
+    if 0 in stored:
+        raise RuntimeError("a gateway stored no usage event")
     return results
 
 

@@ -49,6 +49,7 @@ def flushed(log_path):
 def round_once(args, work, upstream):
     os.makedirs(work)
     gateway, base, key, slugs = compare.start_tollgate(args.tollgate, work, upstream, log="info")
+    ok = False
     try:
         url = base + "/v1/chat/completions"
         body = compare.request_body(slugs["json"], False)
@@ -65,8 +66,10 @@ def round_once(args, work, upstream):
             args.oha, f"{upstream}/json/v1/chat/completions", None,
             compare.request_body("m", False), args.rate, args.duration,
         )
+        ok = True
     finally:
-        compare.stop_tollgate(gateway, work)
+        # After an error, stop it without the stored-events check, which would hide it.
+        compare.stop_tollgate(gateway, work, check=ok)
     figures = flushed(os.path.join(work, "tollgate.log"))
     return {
         "p50": p50, "p99": p99, "achieved": achieved, "b50": b50, "b99": b99,

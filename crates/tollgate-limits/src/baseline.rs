@@ -80,10 +80,16 @@ impl DayBaseline for StoreBaseline {
 /// the load to the next waiter; the answer is the same either way.
 pub struct Coalesced<B> {
     inner: B,
-    in_flight: Mutex<HashMap<LoadKey, Arc<Load>>>,
+    in_flight: Mutex<HashMap<LoadKey, InFlight>>,
 }
 
 type Load = OnceCell<Result<DayUsage, LimiterError>>;
+
+/// A read in flight and how many callers hold it.
+struct InFlight {
+    load: Arc<Load>,
+    waiters: usize,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct LoadKey {
@@ -101,7 +107,7 @@ impl<B: DayBaseline> Coalesced<B> {
         }
     }
 
-    /// Loads in flight now (for tests: none once every caller has its answer).
+    /// Reads in flight now: none once every caller has its answer or has gone.
     pub fn in_flight(&self) -> usize {
         self.in_flight.lock().len()
     }
@@ -122,19 +128,59 @@ impl<B: DayBaseline> DayBaseline for Coalesced<B> {
             mode,
             day_start: day_start.0,
         };
-        let load = Arc::clone(self.in_flight.lock().entry(key.clone()).or_default());
-        let answer = load
+        let waiter = Waiter::join(&self.in_flight, key);
+        waiter
+            .load
             .get_or_init(|| self.inner.day_usage(counter_group, slug, mode, day_start))
             .await
-            .clone();
-        let mut in_flight = self.in_flight.lock();
-        if in_flight
-            .get(&key)
-            .is_some_and(|current| Arc::ptr_eq(current, &load))
-        {
-            in_flight.remove(&key);
+            .clone()
+        // `waiter` lets go here, and also when this future is dropped (its client left)
+        // or the read panics.
+    }
+}
+
+/// One caller's hold on a read in flight.
+struct Waiter<'a> {
+    in_flight: &'a Mutex<HashMap<LoadKey, InFlight>>,
+    key: LoadKey,
+    load: Arc<Load>,
+}
+
+impl<'a> Waiter<'a> {
+    fn join(in_flight: &'a Mutex<HashMap<LoadKey, InFlight>>, key: LoadKey) -> Self {
+        let mut map = in_flight.lock();
+        let entry = map.entry(key.clone()).or_insert_with(|| InFlight {
+            load: Arc::default(),
+            waiters: 0,
+        });
+        entry.waiters += 1;
+        let load = Arc::clone(&entry.load);
+        drop(map);
+        Self {
+            in_flight,
+            key,
+            load,
         }
-        answer
+    }
+}
+
+impl Drop for Waiter<'_> {
+    /// The read leaves the map once it has an answer (later callers read afresh) or when
+    /// its last caller lets go without one (every caller gone: nothing keeps it), so an
+    /// abandoned read of a day nobody asks about again is not kept forever.
+    fn drop(&mut self) {
+        let mut map = self.in_flight.lock();
+        let Some(entry) = map.get_mut(&self.key) else {
+            return;
+        };
+        if !Arc::ptr_eq(&entry.load, &self.load) {
+            // Answered and replaced by a newer read meanwhile.
+            return;
+        }
+        entry.waiters = entry.waiters.saturating_sub(1);
+        if entry.waiters == 0 || self.load.initialized() {
+            map.remove(&self.key);
+        }
     }
 }
 

@@ -434,12 +434,42 @@ mod coalesced {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let second = load(&f.coalesced, SLUG, DAY0);
         tokio::time::sleep(Duration::from_millis(20)).await;
+        // Both wait on one read.
+        assert_eq!(f.coalesced.in_flight(), 1);
+        assert_eq!(f.counted.loads.load(Ordering::SeqCst), 1);
         // The caller running the read goes away (its client disconnected).
         first.abort();
         assert!(first.await.unwrap_err().is_cancelled());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The waiter took the read over, and a newcomer shares it.
+        assert_eq!(f.coalesced.in_flight(), 1);
+        let third = load(&f.coalesced, SLUG, DAY0);
         assert_eq!(second.await.unwrap().unwrap(), TODAY);
-        // The aborted read started, and the waiter ran its own.
+        assert_eq!(third.await.unwrap().unwrap(), TODAY);
+        // The aborted read, then the one the second and third callers shared.
         assert_eq!(f.counted.loads.load(Ordering::SeqCst), 2);
+        assert_eq!(f.coalesced.in_flight(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_every_caller_abandoned_is_not_kept() {
+        let f = fixture(Duration::from_millis(100)).await;
+        let callers: Vec<_> = (0..3).map(|_| load(&f.coalesced, SLUG, DAY0)).collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(f.coalesced.in_flight(), 1);
+        for caller in callers {
+            caller.abort();
+            assert!(caller.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(f.coalesced.in_flight(), 0);
+        // Nothing was left half-done: the next caller reads (how many reads the aborted
+        // callers started depends on when each was aborted) and gets the answer.
+        let before = f.counted.loads.load(Ordering::SeqCst);
+        assert_eq!(
+            load(&f.coalesced, SLUG, DAY0).await.unwrap().unwrap(),
+            TODAY
+        );
+        assert_eq!(f.counted.loads.load(Ordering::SeqCst), before + 1);
         assert_eq!(f.coalesced.in_flight(), 0);
     }
 

@@ -312,3 +312,30 @@ fn a_deeply_nested_vendor_field_does_not_hide_the_usage() {
         })
     );
 }
+
+#[test]
+fn a_skipped_field_serde_json_would_refuse_does_not_hide_the_usage() {
+    // A lone surrogate escape and a number beyond f64 are refused when a `Value` is
+    // built (the reference reads nothing); skipped unbuilt, they are only checked for
+    // their JSON grammar, and the usage beside them is read.
+    for odd in [r#""\ud800""#, "1e400"] {
+        let payload = format!(
+            r#"{{"x_vendor":{odd},"choices":[],"usage":{{"prompt_tokens":2,"completion_tokens":1}}}}"#
+        );
+        assert_eq!(reference(payload.as_bytes()), None, "{payload}");
+        assert_eq!(
+            read_object(payload.as_bytes()),
+            Some(ChunkFacts {
+                is_usage_only: true,
+                usage: Some(ReportedUsage {
+                    prompt: Some(2),
+                    completion: Some(1),
+                    total: None,
+                    cached: None,
+                }),
+                ..ChunkFacts::default()
+            }),
+            "{payload}"
+        );
+    }
+}
