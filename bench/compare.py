@@ -125,16 +125,7 @@ def start_nginx(work, port):
         f.write(json.dumps(json_body(), separators=(",", ":")))
     with open(os.path.join(work, "bodies", "sse"), "w") as f:
         f.write(sse_body())
-    conf = f"""
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/nginx-body;
-    keepalive_requests 1000000;
+    http = f"""
     types {{ }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -144,9 +135,8 @@ http {{
         location = /bodies/json {{ internal; default_type application/json; }}
         location = /bodies/sse {{ internal; default_type text/event-stream; }}
     }}
-}}
 """
-    return run_nginx(work, port, conf)
+    return run_nginx(work, port, http)
 
 
 def start_nginx_relay(work, port, upstream):
@@ -156,17 +146,8 @@ def start_nginx_relay(work, port, upstream):
     work = os.path.join(work, "relay")
     os.makedirs(work, exist_ok=True)
     os.chmod(work, 0o755)
-    conf = f"""
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/nginx-body;
+    http = f"""
     proxy_temp_path {work}/nginx-proxy;
-    keepalive_requests 1000000;
     upstream models {{ server {upstream.removeprefix("http://")}; keepalive 128; keepalive_requests 1000000; }}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
@@ -177,12 +158,26 @@ http {{
             proxy_buffering off;
         }}
     }}
+"""
+    return run_nginx(work, port, http)
+
+
+def run_nginx(work, port, http):
+    """nginx with one worker, its files under `work`, `http` inside its http block; waits
+    until it listens on `port`."""
+    conf = f"""
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx-body;
+    keepalive_requests 1000000;
+{http}
 }}
 """
-    return run_nginx(work, port, conf)
-
-
-def run_nginx(work, port, conf):
     path = os.path.join(work, "nginx.conf")
     with open(path, "w") as f:
         f.write(conf)

@@ -224,19 +224,7 @@ async fn concurrent_first_requests_of_a_new_group_admit_exactly_one(backend: Bac
             .await;
         let limiter = Arc::new(limiter);
         let gating = Arc::new(limits(&[&a]));
-        let barrier = Arc::new(tokio::sync::Barrier::new(8));
-        let mut tasks = Vec::new();
-        for _ in 0..8 {
-            let (limiter, gating, barrier) = (limiter.clone(), gating.clone(), barrier.clone());
-            tasks.push(tokio::spawn(async move {
-                barrier.wait().await;
-                admitted(admit(limiter.as_ref(), &gating, Independent, 0).await).is_some()
-            }));
-        }
-        let mut admitted_count = 0;
-        for task in tasks {
-            admitted_count += usize::from(task.await.unwrap());
-        }
+        let admitted_count = admitted_of_concurrent(&limiter, &gating, 8).await;
         assert_eq!(admitted_count, 1, "round {round}");
         assert_eq!(counted.loads.load(Ordering::SeqCst), 8);
         assert_eq!(usage(&limiter, "A", REQUEST, DAY).await, 1);
@@ -303,9 +291,18 @@ async fn concurrent_first_requests_share_one_coalesced_load(backend: Backend) {
         .await;
     let limiter = Arc::new(limiter);
     let gating = Arc::new(limits(&[&b]));
-    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let admitted_count = admitted_of_concurrent(&limiter, &gating, 8).await;
+    assert_eq!(admitted_count, 1);
+    assert_eq!(counted.loads.load(Ordering::SeqCst), 1);
+    assert_eq!(usage(&limiter, "B", REQUEST, DAY).await, 2);
+    assert_eq!(coalesced.in_flight(), 0);
+}
+
+/// `n` INDEPENDENT admissions of no tokens released at once; how many were admitted.
+async fn admitted_of_concurrent(limiter: &Arc<Subject>, gating: &Arc<Gating>, n: usize) -> usize {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
     let mut tasks = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..n {
         let (limiter, gating, barrier) = (limiter.clone(), gating.clone(), barrier.clone());
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
@@ -316,10 +313,7 @@ async fn concurrent_first_requests_share_one_coalesced_load(backend: Backend) {
     for task in tasks {
         admitted_count += usize::from(task.await.unwrap());
     }
-    assert_eq!(admitted_count, 1);
-    assert_eq!(counted.loads.load(Ordering::SeqCst), 1);
-    assert_eq!(usage(&limiter, "B", REQUEST, DAY).await, 2);
-    assert_eq!(coalesced.in_flight(), 0);
+    admitted_count
 }
 
 /// `Counted` behind an `Arc`, so a test keeps its count while `Coalesced` owns the rest.

@@ -290,6 +290,20 @@ fn what_is_not_one_json_object_in_utf8_is_other() {
     );
 }
 
+/// What the tap reads from `{"choices":[],"usage":{"prompt_tokens":P,"completion_tokens":C}}`.
+fn usage_only_chunk(prompt: u64, completion: u64) -> Option<ChunkFacts> {
+    Some(ChunkFacts {
+        is_usage_only: true,
+        usage: Some(ReportedUsage {
+            prompt: Some(prompt),
+            completion: Some(completion),
+            total: None,
+            cached: None,
+        }),
+        ..ChunkFacts::default()
+    })
+}
+
 #[test]
 fn a_deeply_nested_vendor_field_does_not_hide_the_usage() {
     // Skipped values are not built, so their depth costs no stack; the fields read are a
@@ -298,19 +312,7 @@ fn a_deeply_nested_vendor_field_does_not_hide_the_usage() {
     let payload = format!(
         r#"{{"x_vendor":{deep},"choices":[],"usage":{{"prompt_tokens":2,"completion_tokens":1}}}}"#
     );
-    assert_eq!(
-        read_object(payload.as_bytes()),
-        Some(ChunkFacts {
-            is_usage_only: true,
-            usage: Some(ReportedUsage {
-                prompt: Some(2),
-                completion: Some(1),
-                total: None,
-                cached: None,
-            }),
-            ..ChunkFacts::default()
-        })
-    );
+    assert_eq!(read_object(payload.as_bytes()), usage_only_chunk(2, 1));
 }
 
 #[test]
@@ -325,16 +327,7 @@ fn a_skipped_field_serde_json_would_refuse_does_not_hide_the_usage() {
         assert_eq!(reference(payload.as_bytes()), None, "{payload}");
         assert_eq!(
             read_object(payload.as_bytes()),
-            Some(ChunkFacts {
-                is_usage_only: true,
-                usage: Some(ReportedUsage {
-                    prompt: Some(2),
-                    completion: Some(1),
-                    total: None,
-                    cached: None,
-                }),
-                ..ChunkFacts::default()
-            }),
+            usage_only_chunk(2, 1),
             "{payload}"
         );
     }
