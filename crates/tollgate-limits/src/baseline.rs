@@ -111,6 +111,20 @@ impl<B: DayBaseline> Coalesced<B> {
     pub fn in_flight(&self) -> usize {
         self.in_flight.lock().len()
     }
+
+    /// The baseline it reads through.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// Callers waiting on those reads now.
+    pub fn waiters(&self) -> usize {
+        self.in_flight
+            .lock()
+            .values()
+            .map(|entry| entry.waiters)
+            .sum()
+    }
 }
 
 #[async_trait]

@@ -280,20 +280,26 @@ async fn concurrent_first_requests_share_one_coalesced_load(backend: Backend) {
         .add(group("B", Independent, None, &[(REQUEST, DAY, 2)]))
         .await;
     tree.event(&b.id, SLUG, Timestamp(DAY0 + 1), (0, 0)).await;
-    let counted = Arc::new(Counted {
-        inner: StoreBaseline::new(tree.store.clone()),
-        loads: AtomicUsize::new(0),
-        delay: Duration::from_millis(50),
-    });
-    let coalesced = Arc::new(Coalesced::new(CountedRef(counted.clone())));
+    let coalesced = Arc::new(Coalesced::new(Gated::new(StoreBaseline::new(
+        tree.store.clone(),
+    ))));
     let (limiter, _clock) = backend
         .over(coalesced.clone(), utc("2026-12-03T12:00:00Z"))
         .await;
     let limiter = Arc::new(limiter);
     let gating = Arc::new(limits(&[&b]));
+    // The read is let through only once all 8 admissions wait for it.
+    let opener = {
+        let coalesced = coalesced.clone();
+        tokio::spawn(async move {
+            until(|| coalesced.waiters() == 8).await;
+            coalesced.inner().open(1);
+        })
+    };
     let admitted_count = admitted_of_concurrent(&limiter, &gating, 8).await;
+    opener.await.unwrap();
     assert_eq!(admitted_count, 1);
-    assert_eq!(counted.loads.load(Ordering::SeqCst), 1);
+    assert_eq!(coalesced.inner().loads(), 1);
     assert_eq!(usage(&limiter, "B", REQUEST, DAY).await, 2);
     assert_eq!(coalesced.in_flight(), 0);
 }
@@ -316,11 +322,36 @@ async fn admitted_of_concurrent(limiter: &Arc<Subject>, gating: &Arc<Gating>, n:
     admitted_count
 }
 
-/// `Counted` behind an `Arc`, so a test keeps its count while `Coalesced` owns the rest.
-struct CountedRef<B>(Arc<Counted<B>>);
+/// A baseline whose reads wait for the test to let them through, one per permit, so
+/// which callers share a read is decided by the test, not by timing.
+struct Gated<B> {
+    inner: B,
+    loads: AtomicUsize,
+    gate: tokio::sync::Semaphore,
+}
+
+impl<B> Gated<B> {
+    fn new(inner: B) -> Self {
+        Self {
+            inner,
+            loads: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+        }
+    }
+
+    /// Reads started so far.
+    fn loads(&self) -> usize {
+        self.loads.load(Ordering::SeqCst)
+    }
+
+    /// Lets `reads` more reads through.
+    fn open(&self, reads: usize) {
+        self.gate.add_permits(reads);
+    }
+}
 
 #[async_trait]
-impl<B: DayBaseline> DayBaseline for CountedRef<B> {
+impl<B: DayBaseline> DayBaseline for Gated<B> {
     async fn day_usage(
         &self,
         counter_group: &str,
@@ -328,7 +359,27 @@ impl<B: DayBaseline> DayBaseline for CountedRef<B> {
         mode: LimitMode,
         day_start: Timestamp,
     ) -> Result<DayUsage, LimiterError> {
-        self.0.day_usage(counter_group, slug, mode, day_start).await
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        // A read the test never lets through fails after 10 s rather than hanging it.
+        match tokio::time::timeout(Duration::from_secs(10), self.gate.acquire()).await {
+            Ok(permit) => permit.unwrap().forget(),
+            Err(_) => return Err(LimiterError::Baseline("the gate never opened".into())),
+        }
+        self.inner
+            .day_usage(counter_group, slug, mode, day_start)
+            .await
+    }
+}
+
+/// Waits (10 s at most) until `condition` holds.
+async fn until(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -342,36 +393,36 @@ crate::conformance! {
 }
 
 mod coalesced {
-    //! `Coalesced` on its own: who shares a load, who reads afresh.
+    //! `Coalesced` on its own: who shares a read, who reads afresh.
 
     use super::*;
 
+    type Subject = Coalesced<Gated<StoreBaseline>>;
+
     struct Fixture {
         tree: Tree,
-        counted: Arc<Counted<StoreBaseline>>,
-        coalesced: Arc<Coalesced<CountedRef<StoreBaseline>>>,
+        coalesced: Arc<Subject>,
     }
 
-    async fn fixture(delay: Duration) -> Fixture {
+    impl Fixture {
+        fn gate(&self) -> &Gated<StoreBaseline> {
+            self.coalesced.inner()
+        }
+    }
+
+    async fn fixture() -> Fixture {
         let tree = Tree::new().await;
         let a = tree.add(group("A", Independent, None, &[])).await;
         tree.event(&a.id, SLUG, Timestamp(DAY0 + 5), (3, 4)).await;
         tree.event(&a.id, SLUG, Timestamp(DAY0 + 6), (10, 20)).await;
-        let counted = Arc::new(Counted {
-            inner: StoreBaseline::new(tree.store.clone()),
-            loads: AtomicUsize::new(0),
-            delay,
-        });
-        let coalesced = Arc::new(Coalesced::new(CountedRef(counted.clone())));
-        Fixture {
-            tree,
-            counted,
-            coalesced,
-        }
+        let coalesced = Arc::new(Coalesced::new(Gated::new(StoreBaseline::new(
+            tree.store.clone(),
+        ))));
+        Fixture { tree, coalesced }
     }
 
     fn load(
-        coalesced: &Arc<Coalesced<CountedRef<StoreBaseline>>>,
+        coalesced: &Arc<Subject>,
         slug: &'static str,
         day: i64,
     ) -> tokio::task::JoinHandle<Result<DayUsage, LimiterError>> {
@@ -394,22 +445,27 @@ mod coalesced {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_of_the_same_baseline_share_one_read() {
-        let f = fixture(Duration::from_millis(50)).await;
+        let f = fixture().await;
         let same: Vec<_> = (0..6).map(|_| load(&f.coalesced, SLUG, DAY0)).collect();
         // Another slug and another day are other baselines, read apart.
         let other_slug = load(&f.coalesced, "acme/other", DAY0);
         let other_day = load(&f.coalesced, SLUG, DAY0 - 86_400_000);
+        until(|| f.coalesced.waiters() == 8).await;
+        assert_eq!(f.coalesced.in_flight(), 3);
+        assert_eq!(f.gate().loads(), 3);
+        f.gate().open(3);
         for task in same {
             assert_eq!(task.await.unwrap().unwrap(), TODAY);
         }
         assert_eq!(other_slug.await.unwrap().unwrap(), NONE);
         assert_eq!(other_day.await.unwrap().unwrap(), NONE);
-        assert_eq!(f.counted.loads.load(Ordering::SeqCst), 3);
+        assert_eq!(f.gate().loads(), 3);
         assert_eq!(f.coalesced.in_flight(), 0);
 
-        // An answered load is forgotten: the next caller reads again, and sees what was
+        // An answered read is forgotten: the next caller reads again, and sees what was
         // stored since.
         f.tree.event("A", SLUG, Timestamp(DAY0 + 7), (1, 1)).await;
+        f.gate().open(1);
         let again = load(&f.coalesced, SLUG, DAY0).await.unwrap().unwrap();
         assert_eq!(
             again,
@@ -418,52 +474,56 @@ mod coalesced {
                 tokens: 39
             }
         );
-        assert_eq!(f.counted.loads.load(Ordering::SeqCst), 4);
+        assert_eq!(f.gate().loads(), 4);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_dropped_caller_hands_the_load_to_the_next() {
-        let f = fixture(Duration::from_millis(100)).await;
+    async fn a_dropped_caller_hands_the_read_to_the_next() {
+        let f = fixture().await;
         let first = load(&f.coalesced, SLUG, DAY0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        until(|| f.gate().loads() == 1).await;
         let second = load(&f.coalesced, SLUG, DAY0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        until(|| f.coalesced.waiters() == 2).await;
         // Both wait on one read.
         assert_eq!(f.coalesced.in_flight(), 1);
-        assert_eq!(f.counted.loads.load(Ordering::SeqCst), 1);
+        assert_eq!(f.gate().loads(), 1);
         // The caller running the read goes away (its client disconnected).
         first.abort();
         assert!(first.await.unwrap_err().is_cancelled());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        // The waiter took the read over, and a newcomer shares it.
-        assert_eq!(f.coalesced.in_flight(), 1);
+        // The waiter takes the read over, and a newcomer shares it.
+        until(|| f.gate().loads() == 2).await;
         let third = load(&f.coalesced, SLUG, DAY0);
+        until(|| f.coalesced.waiters() == 2).await;
+        assert_eq!(f.coalesced.in_flight(), 1);
+        f.gate().open(1);
         assert_eq!(second.await.unwrap().unwrap(), TODAY);
         assert_eq!(third.await.unwrap().unwrap(), TODAY);
-        // The aborted read, then the one the second and third callers shared.
-        assert_eq!(f.counted.loads.load(Ordering::SeqCst), 2);
+        // The abandoned read, then the one the second and third callers shared.
+        assert_eq!(f.gate().loads(), 2);
         assert_eq!(f.coalesced.in_flight(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_read_every_caller_abandoned_is_not_kept() {
-        let f = fixture(Duration::from_millis(100)).await;
+        let f = fixture().await;
         let callers: Vec<_> = (0..3).map(|_| load(&f.coalesced, SLUG, DAY0)).collect();
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        until(|| f.coalesced.waiters() == 3).await;
         assert_eq!(f.coalesced.in_flight(), 1);
         for caller in callers {
             caller.abort();
             assert!(caller.await.unwrap_err().is_cancelled());
         }
         assert_eq!(f.coalesced.in_flight(), 0);
+        assert_eq!(f.coalesced.waiters(), 0);
         // Nothing was left half-done: the next caller reads (how many reads the aborted
         // callers started depends on when each was aborted) and gets the answer.
-        let before = f.counted.loads.load(Ordering::SeqCst);
+        let before = f.gate().loads();
+        f.gate().open(1);
         assert_eq!(
             load(&f.coalesced, SLUG, DAY0).await.unwrap().unwrap(),
             TODAY
         );
-        assert_eq!(f.counted.loads.load(Ordering::SeqCst), before + 1);
+        assert_eq!(f.gate().loads(), before + 1);
         assert_eq!(f.coalesced.in_flight(), 0);
     }
 
@@ -481,16 +541,15 @@ mod coalesced {
                 _mode: LimitMode,
                 _day_start: Timestamp,
             ) -> Result<DayUsage, LimiterError> {
-                tokio::time::sleep(Duration::from_millis(50)).await;
                 match self.calls.fetch_add(1, Ordering::SeqCst) {
                     0 => Err(LimiterError::Baseline("database is locked".into())),
                     _ => Ok(TODAY),
                 }
             }
         }
-        let coalesced = Arc::new(Coalesced::new(FailingOnce {
+        let coalesced = Arc::new(Coalesced::new(Gated::new(FailingOnce {
             calls: AtomicUsize::new(0),
-        }));
+        })));
         let tasks: Vec<_> = (0..4)
             .map(|_| {
                 let coalesced = coalesced.clone();
@@ -501,15 +560,19 @@ mod coalesced {
                 })
             })
             .collect();
+        until(|| coalesced.waiters() == 4).await;
+        coalesced.inner().open(1);
         for task in tasks {
             let error = task.await.unwrap().unwrap_err();
             assert_eq!(error.to_string(), "loading day usage: database is locked");
         }
+        coalesced.inner().open(1);
         let retried = coalesced
             .day_usage("A", SLUG, Independent, Timestamp(DAY0))
             .await
             .unwrap();
         assert_eq!(retried, TODAY);
+        assert_eq!(coalesced.inner().loads(), 2);
         assert_eq!(coalesced.in_flight(), 0);
     }
 }
