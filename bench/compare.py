@@ -235,17 +235,24 @@ def create_group(base, slugs, level, external_id, parent):
     return group["id"]
 
 
+def stop_process(process, timeout=20):
+    """SIGTERM, then SIGKILL if it has not ended within `timeout` seconds; nothing if it
+    has already ended (`process` may be None: never started)."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def stop_tollgate(process, work, check=True):
     """Stops the gateway and returns the number of usage events it stored; with `check`,
     none stored is an error. Cleanup after an error passes check=False, so that it
     stops every process and never hides the error that started it."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, timeout=30)
     path = os.path.join(work, "tollgate.db")
     if not os.path.exists(path):
         if check:
@@ -611,8 +618,7 @@ def main():
             "nginx as a relay", relay.pid, f"http://127.0.0.1:{relay_port}", "/{kind}/v1", None,
             {"json": "m", "sse": "m"}, args, work,
         )
-        relay.send_signal(signal.SIGTERM)
-        relay.wait(timeout=20)
+        stop_process(relay)
         gateway, base, key, slugs = start_tollgate(args.tollgate, work, upstream)
         processes.append(gateway)
         idle = rss_mib(gateway.pid)
@@ -639,12 +645,7 @@ def main():
         report(results, upstream_name, base_rates)
     finally:
         for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_process(process)
         shutil.rmtree(work, ignore_errors=True)
 
 

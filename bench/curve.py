@@ -29,8 +29,6 @@ import argparse
 import concurrent.futures
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -231,12 +229,7 @@ def main():
         by_groups = groups_curve(args, upstream, work)
         report(args, by_connections, by_groups)
     finally:
-        if nginx is not None and nginx.poll() is None:
-            nginx.send_signal(signal.SIGTERM)
-            try:
-                nginx.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                nginx.kill()
+        compare.stop_process(nginx)
         shutil.rmtree(work, ignore_errors=True)
 
 

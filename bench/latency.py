@@ -23,7 +23,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -119,9 +118,7 @@ def main():
         for row in rows:
             print(row)
     finally:
-        if nginx is not None and nginx.poll() is None:
-            nginx.send_signal(signal.SIGTERM)
-            nginx.wait(timeout=20)
+        compare.stop_process(nginx)
         shutil.rmtree(work, ignore_errors=True)
 
 
