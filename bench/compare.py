@@ -32,6 +32,7 @@ bytes leave. LiteLLM runs with one worker, a master key, no database.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -233,6 +234,21 @@ def create_group(base, slugs, level, external_id, parent):
         },
     )
     return group["id"]
+
+
+@contextlib.contextmanager
+def upstream_in(prefix):
+    """A temporary working directory and the nginx upstream of fixed bodies in it, both
+    gone afterwards, error or not: yields (work, nginx process, upstream base URL)."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    nginx = None
+    try:
+        port = free_port()
+        nginx = start_nginx(work, port)
+        yield work, nginx, f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(nginx)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def stop_process(process, timeout=20):

@@ -28,9 +28,7 @@ streamed, with wrk at saturation for `--duration` seconds after a warm-up:
 import argparse
 import concurrent.futures
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -217,20 +215,12 @@ def main():
     args.connections = [int(n) for n in args.connections.split(",")]
     args.active_groups = [int(n) for n in args.active_groups.split(",")]
 
-    work = tempfile.mkdtemp(prefix="tollgate-curve-")
-    nginx = None
-    try:
-        port = compare.free_port()
-        nginx = compare.start_nginx(work, port)
-        upstream = f"http://127.0.0.1:{port}"
+    with compare.upstream_in("tollgate-curve-") as (work, nginx, upstream):
         print("by connections:", flush=True)
         by_connections = connections_curve(args, nginx, upstream, work)
         print("by active groups:", flush=True)
         by_groups = groups_curve(args, upstream, work)
         report(args, by_connections, by_groups)
-    finally:
-        compare.stop_process(nginx)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

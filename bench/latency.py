@@ -22,10 +22,7 @@ transactions and the largest batch.
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402 - bench/compare.py, next to this file
@@ -90,12 +87,7 @@ def main():
     args.tollgate = os.path.abspath(args.tollgate)
     args.oha = os.path.abspath(args.oha)
 
-    work = tempfile.mkdtemp(prefix="tollgate-latency-")
-    nginx = None
-    try:
-        port = compare.free_port()
-        nginx = compare.start_nginx(work, port)
-        upstream = f"http://127.0.0.1:{port}"
+    with compare.upstream_in("tollgate-latency-") as (work, _nginx, upstream):
         rows = []
         for n in range(1, args.rounds + 1):
             print(f"round {n}:", flush=True)
@@ -117,9 +109,6 @@ def main():
         print("|---|---|---|---|---|---|")
         for row in rows:
             print(row)
-    finally:
-        compare.stop_process(nginx)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
